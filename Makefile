@@ -1,0 +1,53 @@
+# The two contract commands: `make serve` and `make test`. Both set up .venv themselves.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# Where a local wheel of the pinned torch lies, pip should look there first.
+export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
+
+HOST ?= 127.0.0.1
+PORT ?= 50051
+
+.PHONY: serve test lint typecheck unit proto proto-check bench clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+# Serving needs no torch: the runtime dependencies only.
+$(VENV)/.serve: $(VENV)/.created pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.created pyproject.toml
+	$(PIP) install -q -e '.[train,dev]'
+	touch $@ $(VENV)/.serve
+
+serve: $(VENV)/.serve
+	$(VENV)/bin/lstm-serve serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev lint typecheck proto-check unit
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check service tests
+	$(VENV)/bin/ruff format --check service tests
+
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy
+
+proto: $(VENV)/.dev
+	$(PY) -m service.grpc.gen_pb
+
+proto-check: $(VENV)/.dev
+	$(PY) -m service.grpc.gen_pb --check
+
+unit: $(VENV)/.dev
+	$(VENV)/bin/pytest -q -ra
+
+bench: $(VENV)/.dev
+	$(VENV)/bin/lstm-serve bench --out docs/bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

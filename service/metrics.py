@@ -1,0 +1,133 @@
+"""Every Prometheus metric lstm-serve exports, defined once, on an injected registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import start_http_server
+
+# Seconds: 50 us .. 10 s, dense where a step on a CPU lands.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    step_latency: Histogram
+    queue_seconds: Histogram
+    inference_seconds: Histogram
+    batch_size: Histogram
+    steps: Counter
+    sessions: Gauge
+    sessions_evicted: Counter
+    requests: Counter
+    grpc_started: Counter
+    grpc_handled: Counter
+    grpc_handling: Histogram
+    grpc_msg_received: Counter
+    grpc_msg_sent: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
+        r = registry if registry is not None else CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... for the dashboard.
+        ProcessCollector(registry=r)
+        grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
+        return cls(
+            registry=r,
+            step_latency=Histogram(
+                "lstm_serve_step_latency_seconds",
+                "Time from a request's arrival at the engine to its outputs, per session request.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            queue_seconds=Histogram(
+                "lstm_serve_queue_seconds",
+                "Time a session's steps waited in the batcher queue before their batch ran.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            inference_seconds=Histogram(
+                "lstm_serve_inference_seconds",
+                "Time of one batched ONNX Runtime call, gather and scatter of state included.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            batch_size=Histogram(
+                "lstm_serve_batch_size",
+                "Sessions in one batched inference call.",
+                ["model"],
+                buckets=BATCH_BUCKETS,
+                registry=r,
+            ),
+            steps=Counter(
+                "lstm_serve_steps_total",
+                "Sequence steps run (one per session per time step).",
+                ["model"],
+                registry=r,
+            ),
+            sessions=Gauge(
+                "lstm_serve_sessions",
+                "Live sessions holding state.",
+                ["model"],
+                registry=r,
+            ),
+            sessions_evicted=Counter(
+                "lstm_serve_sessions_evicted_total",
+                "Sessions removed by the server: reason ttl (idle expiry) or lru (session cap).",
+                ["model", "reason"],
+                registry=r,
+            ),
+            requests=Counter(
+                "lstm_serve_requests_total",
+                "Engine requests by method and final gRPC status code.",
+                ["model", "method", "code"],
+                registry=r,
+            ),
+            # The names and labels of the ecosystem's gRPC server metrics (go-grpc-prometheus).
+            grpc_started=Counter(
+                "grpc_server_started_total",
+                "RPCs started on the server.",
+                grpc_labels,
+                registry=r,
+            ),
+            grpc_handled=Counter(
+                "grpc_server_handled_total",
+                "RPCs completed on the server, regardless of success.",
+                [*grpc_labels, "grpc_code"],
+                registry=r,
+            ),
+            grpc_handling=Histogram(
+                "grpc_server_handling_seconds",
+                "Response latency of RPCs handled by the server (whole stream for streams).",
+                grpc_labels,
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            grpc_msg_received=Counter(
+                "grpc_server_msg_received_total",
+                "Stream messages received by the server.",
+                grpc_labels,
+                registry=r,
+            ),
+            grpc_msg_sent=Counter(
+                "grpc_server_msg_sent_total",
+                "Stream messages sent by the server.",
+                grpc_labels,
+                registry=r,
+            ),
+        )
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[object, int]:
+    """Serve the registry over HTTP on its own port; returns (server, bound port)."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, int(server.server_port)
