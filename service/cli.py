@@ -22,7 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "forecast": ("service.commands", "roll a session forward H steps"),
     "train": ("service.training.train", "train a model from models/<name>/train.toml"),
     "export": ("service.training.export", "export a trained checkpoint to ONNX + manifest"),
-    "bench": ("service.bench.run", "benchmark lstm-serve against its ceilings"),
 }
 
 

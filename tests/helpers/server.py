@@ -1,0 +1,95 @@
+"""A real lstm-serve on a loopback port, run on its own event loop in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.config import Settings
+from service.grpc.server import LstmServer
+
+
+class ServerThread:
+    """with ServerThread(model_repository=path, **settings) as srv: Client(srv.target)..."""
+
+    def __init__(self, **settings: Any) -> None:
+        settings.setdefault("port", 0)
+        settings.setdefault("metrics_port", 0)
+        settings.setdefault("host", "127.0.0.1")
+        self.settings = Settings(**settings)
+        self.loop = asyncio.new_event_loop()
+        self.server = LstmServer(self.settings)
+        self._thread = threading.Thread(target=self._run, name="test-server", daemon=True)
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._started.wait(60)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the server's loop (e.g. engine calls) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if not self._thread.is_alive():
+            return
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    @property
+    def engine(self) -> Any:
+        return self.server.engine
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class OnePass:
+    """The oracle: one ONNX Runtime pass over a whole sequence, from a zero state."""
+
+    def __init__(self, model_dir: Path) -> None:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
+        shape = self.session.get_inputs()[1].shape
+        self.layers, self.hidden = int(shape[0]), int(shape[2])
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x: [T, F] float32 or [T] int64 -> y [T, out], hn, cn [layers, hidden]."""
+        h = np.zeros((self.layers, 1, self.hidden), np.float32)
+        y, hn, cn = self.session.run(["y", "hn", "cn"], {"x": x[None], "h0": h, "c0": h})
+        return y[0], hn[:, 0], cn[:, 0]
