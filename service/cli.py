@@ -22,29 +22,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "forecast": ("service.commands", "roll a session forward H steps"),
     "train": ("service.training.train", "train a model from models/<name>/train.toml"),
     "export": ("service.training.export", "export a trained checkpoint to ONNX + manifest"),
+    "bench": ("service.bench.run", "benchmark lstm-serve against its ceilings"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. Only the chosen subcommand's module is imported (when argv names one), so
+    `lstm-serve health` starts quickly and one command's import error cannot break another."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if a in COMMANDS), None)
     parser = argparse.ArgumentParser(prog="lstm-serve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default=None, help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        adder: Callable[..., None] = (
-            getattr(module, f"add_{name}_arguments", None) or module.add_arguments
-        )
-        adder(p)
         p.set_defaults(_module=module_name, _name=name)
+        if chosen is None or name == chosen:
+            module = importlib.import_module(module_name)
+            adder: Callable[..., None] = (
+                getattr(module, f"add_{name}_arguments", None) or module.add_arguments
+            )
+            adder(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(args.log_level or "INFO").upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     module: Any = importlib.import_module(args._module)

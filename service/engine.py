@@ -138,6 +138,7 @@ class Engine:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._snapshot_lock = asyncio.Lock()
         self.device = "cpu"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -166,6 +167,7 @@ class Engine:
             batcher.start(loop)
             self.models[mv.key] = lm
             self.metrics.sessions.labels(label).set(len(lm.table))
+            self.metrics.sessions_capacity.labels(label).set(s.max_sessions)
             logger.info(
                 "model %s loaded (%s, %d layers x %d hidden, %s, %d sessions restored)",
                 label, m.kind.value, m.layers, m.hidden_size, runtime.device, len(lm.table),
@@ -225,7 +227,7 @@ class Engine:
     @contextlib.contextmanager
     def _request(self, method: str, model: str, version: str) -> Iterator[LoadedModel]:
         """Admission, in-flight count and the per-request metrics."""
-        label = model or "-"
+        label = "-"  # never the client's string: unknown names must not mint metric series
         code = grpc.StatusCode.OK
         t0 = time.perf_counter()
         self._inflight += 1
@@ -681,12 +683,15 @@ class Engine:
             return 0
         directory.mkdir(parents=True, exist_ok=True)
         total = 0
-        for lm in self.models.values():
-            snap = lm.table.capture()
-            path = directory / f"{lm.mv.manifest.name}-{lm.mv.manifest.version}.npz"
-            await asyncio.to_thread(snap.write, path, lm.snapshot_meta)
-            total += len(snap.keys)
-            logger.info("%s: snapshot of %d sessions written to %s", lm.label, len(snap.keys), path)
+        async with self._snapshot_lock:  # one writer per file: periodic and final never overlap
+            for lm in self.models.values():
+                snap = lm.table.capture()
+                path = directory / f"{lm.mv.manifest.name}-{lm.mv.manifest.version}.npz"
+                await asyncio.to_thread(snap.write, path, lm.snapshot_meta)
+                total += len(snap.keys)
+                logger.info(
+                    "%s: snapshot of %d sessions written to %s", lm.label, len(snap.keys), path
+                )
         return total
 
     def _restore(self, lm: LoadedModel) -> None:

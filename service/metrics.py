@@ -24,6 +24,7 @@ class Metrics:
     batch_size: Histogram
     steps: Counter
     sessions: Gauge
+    sessions_capacity: Gauge
     sessions_evicted: Counter
     requests: Counter
     grpc_started: Counter
@@ -79,6 +80,11 @@ class Metrics:
                 "Live sessions holding state.",
                 ["model"],
                 registry=r,
+            ),
+            sessions_capacity=Gauge(
+                "lstm_serve_sessions_capacity",
+                "The session cap (max_sessions): at it, new sessions are refused or the LRU evicted.",
+                ["model"], registry=r,
             ),
             sessions_evicted=Counter(
                 "lstm_serve_sessions_evicted_total",

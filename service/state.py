@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -91,15 +92,20 @@ class Snapshot:
 
     def write(self, path: Path, meta: dict[str, object]) -> None:
         """Write atomically: a crash leaves the previous snapshot or this one, never a mix."""
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:
-            np.savez(
-                f, h=self.h, c=self.c, last_y=self.last_y, next_seq=self.next_seq,
-                idle=self.idle, keys=np.array(json.dumps(self.keys)),
-                meta=np.array(json.dumps(meta)),
-            )  # fmt: skip
-            f.flush()
-            os.fsync(f.fileno())
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(
+                    f, h=self.h, c=self.c, last_y=self.last_y, next_seq=self.next_seq,
+                    idle=self.idle, keys=np.array(json.dumps(self.keys)),
+                    meta=np.array(json.dumps(meta)),
+                )  # fmt: skip
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -97,7 +98,7 @@ class StatusInterceptor(Interceptor):
                     received.inc()
                     yield msg
 
-            if resp_stream:
+            if resp_stream and inspect.isasyncgenfunction(behaviour):
 
                 async def stream_behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
                     started.inc()
@@ -118,6 +119,7 @@ class StatusInterceptor(Interceptor):
                         finish(code, t0)
 
                 return stream_behaviour
+            # Unary, or a streaming handler that writes with context.write (e.g. Health.Watch).
 
             async def unary_behaviour(request: Any, context: Context) -> Any:
                 started.inc()
@@ -129,7 +131,8 @@ class StatusInterceptor(Interceptor):
                     received.inc()
                 try:
                     resp = await behaviour(request, context)
-                    sent.inc()
+                    if not resp_stream:
+                        sent.inc()
                     return resp
                 except BaseException as exc:
                     code = _code_of(exc, context)
@@ -226,7 +229,7 @@ class AuthInterceptor(Interceptor):
         metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
 
         def wrap(behaviour: Any, req_stream: bool, resp_stream: bool) -> Any:
-            if resp_stream:
+            if resp_stream and inspect.isasyncgenfunction(behaviour):
 
                 async def stream_behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
                     PRINCIPAL.set(self._principal(context, metadata))

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from ..config import Settings
 from ..engine import Engine
@@ -43,6 +44,7 @@ class LstmServer:
         self.metrics_port = 0
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -102,9 +104,13 @@ class LstmServer:
         )  # fmt: skip
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new work, drain, snapshot, close. Safe to call twice."""
-        if self._stopped.is_set():
-            return
+        """Health NOT_SERVING, refuse new work, drain, snapshot, close. Safe to call again,
+        concurrently too (a second SIGTERM): later callers wait for the first stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None) -> None:
         grace = self.settings.grace_period_s if grace is None else grace
         logger.info("stopping: draining for up to %.1fs", grace)
         await self.health.enter_graceful_shutdown()
@@ -153,7 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--" + name.replace("_", "-"),
             dest=name,
             type=_flag_type(field.annotation),
-            default=None,
+            # SUPPRESS: an absent flag leaves the namespace alone (and the top-level
+            # --log-level in place), so env and defaults apply.
+            default=argparse.SUPPRESS,
             help=f"{field.description} (env LSTM_SERVE_{name.upper()}; default {field.default})",
         )
 
@@ -164,11 +172,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            logger.error("invalid setting %s: %s", name, err["msg"])
+        return 2
     logging.getLogger().setLevel(settings.log_level.upper())
     try:
         asyncio.run(serve(settings))
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 1
     return 0

@@ -1,0 +1,290 @@
+"""The `lstm-serve` client commands, run as real subprocesses against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import Client
+from tests.helpers.server import OnePass, ServerThread
+
+ROOT = Path(__file__).resolve().parents[2]
+# Outputs are printed with %.6g: six significant digits.
+RTOL, ATOL = 2e-5, 2e-5
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repo: Path) -> Iterator[ServerThread]:
+    with ServerThread(model_repository=tiny_repo) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_repo: Path) -> OnePass:
+    return OnePass(tiny_repo / "tiny" / "1")
+
+
+@pytest.fixture(scope="module")
+def tok_oracle(tiny_repo: Path) -> OnePass:
+    return OnePass(tiny_repo / "tinytok" / "1")
+
+
+def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("lstm-serve")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTM_SERVE_")}
+    return subprocess.run(
+        [*cmd, *args], input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env=env,
+    )  # fmt: skip
+
+
+def csv_of(x: np.ndarray, header: bool = True) -> str:
+    lines = ["a,b,c"] if header else []
+    lines += [",".join(repr(float(v)) for v in row) for row in x]
+    return "\n".join(lines) + "\n"
+
+
+def parse_rows(stdout: str) -> tuple[list[int], np.ndarray]:
+    """'seq,v1,v2,...' lines -> seqs and values."""
+    seqs, rows = [], []
+    for line in stdout.strip().splitlines():
+        head, *vals = line.split(",")
+        seqs.append(int(head))
+        rows.append([float(v) for v in vals])
+    return seqs, np.array(rows, np.float32)
+
+
+def xs(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+def test_models_lists_the_repository(tiny_repo: Path) -> None:
+    proc = cli("models", "--model-repository", str(tiny_repo))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.strip().splitlines()[1:]]
+    by_name = {r[0]: r for r in rows}
+    assert set(by_name) == {"tiny", "tinytok"}
+    assert by_name["tiny"][1:4] == ["1", "real", "3"]
+    assert by_name["tinytok"][1:3] == ["1", "token"]
+    assert proc.stderr.strip() == ""
+
+    proc = cli("models", "--model-repository", str(tiny_repo), "--json")
+    assert proc.returncode == 0, proc.stderr
+    manifests = json.loads(proc.stdout)
+    assert sorted(m["name"] for m in manifests) == ["tiny", "tinytok"]
+    assert {m["name"]: m["hidden_size"] for m in manifests} == {"tiny": 16, "tinytok": 16}
+
+
+def test_models_reports_a_broken_version(tiny_repo_copy: Path) -> None:
+    manifest = tiny_repo_copy / "tiny" / "1" / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["layers"] = 0
+    manifest.write_text(json.dumps(raw))
+    proc = cli("models", "--model-repository", str(tiny_repo_copy))
+    assert proc.returncode == 1
+    assert str(manifest) in proc.stderr
+    assert "layers" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # The healthy model is still listed.
+    names = [line.split()[0] for line in proc.stdout.strip().splitlines()[1:]]
+    assert names == ["tinytok"]
+
+
+def test_models_on_a_missing_directory(tmp_path: Path) -> None:
+    proc = cli("models", "--model-repository", str(tmp_path / "nope"))
+    assert proc.returncode == 1
+    assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- health ----------------------------------------------------------------------------------
+
+
+def test_health_against_a_live_server(server: ServerThread) -> None:
+    proc = cli("health", "--target", server.target)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "SERVING"
+    assert cli("health", "--target", server.target, "--service", "tinytok").returncode == 0
+    proc = cli("health", "--target", server.target, "--service", "no-such-model")
+    assert proc.returncode == 1
+    assert "NOT_FOUND" in proc.stderr
+
+
+def test_health_against_a_closed_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends; nobody listens there
+    proc = cli("health", "--target", f"127.0.0.1:{port}", "--timeout", "2")
+    assert proc.returncode == 1
+    assert "UNAVAILABLE" in proc.stderr or "DEADLINE_EXCEEDED" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- predict / stream ------------------------------------------------------------------------
+
+
+def test_predict_csv_from_stdin(server: ServerThread, oracle: OnePass) -> None:
+    x = xs(1, 5)
+    proc = cli(
+        "predict", "--target", server.target, "--model", "tiny", "--session", "cli-predict",
+        stdin=csv_of(x),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seqs, y = parse_rows(proc.stdout)
+    assert seqs == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(y, oracle.run(x)[0], rtol=RTOL, atol=ATOL)
+    # A second call continues the session (and says so with --seq).
+    x2 = xs(2, 2)
+    proc = cli(
+        "predict", "--target", server.target, "--model", "tiny", "--session", "cli-predict",
+        "--seq", "5", stdin=csv_of(x2, header=False),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seqs, y = parse_rows(proc.stdout)
+    assert seqs == [5, 6]
+    full = np.concatenate([x, x2])
+    np.testing.assert_allclose(y, oracle.run(full)[0][5:], rtol=RTOL, atol=ATOL)
+
+
+def test_predict_refuses_a_gap(server: ServerThread) -> None:
+    proc = cli(
+        "predict", "--target", server.target, "--model", "tiny", "--session", "cli-gap",
+        "--seq", "3", stdin=csv_of(xs(3, 1)),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "NOT_FOUND" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_predict_from_a_file(server: ServerThread, oracle: OnePass, tmp_path: Path) -> None:
+    x = xs(4, 3)
+    path = tmp_path / "steps.csv"
+    path.write_text(csv_of(x))
+    proc = cli(
+        "predict", "--target", server.target, "--model", "tiny", "--session", "cli-file",
+        "--input", str(path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    _, y = parse_rows(proc.stdout)
+    np.testing.assert_allclose(y, oracle.run(x)[0], rtol=RTOL, atol=ATOL)
+
+
+def test_stream_csv_one_line_per_step(server: ServerThread, oracle: OnePass) -> None:
+    x = xs(5, 7)
+    proc = cli(
+        "stream", "--target", server.target, "--model", "tiny", "--session", "cli-stream",
+        "--chunk", "3", stdin=csv_of(x),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seqs, y = parse_rows(proc.stdout)
+    assert seqs == list(range(7))
+    np.testing.assert_allclose(y, oracle.run(x)[0], rtol=RTOL, atol=ATOL)
+    # Streaming again continues where the session is.
+    x2 = xs(6, 2)
+    proc = cli(
+        "stream", "--target", server.target, "--model", "tiny", "--session", "cli-stream",
+        stdin=csv_of(x2, header=False),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seqs, y = parse_rows(proc.stdout)
+    assert seqs == [7, 8]
+    full = np.concatenate([x, x2])
+    np.testing.assert_allclose(y, oracle.run(full)[0][7:], rtol=RTOL, atol=ATOL)
+    with Client(server.target) as c:
+        assert c.get_session("tiny", "cli-stream").next_seq == 9
+
+
+def test_stream_text_to_a_token_model(server: ServerThread, tok_oracle: OnePass) -> None:
+    with Client(server.target) as c:
+        vocab = json.loads(c.get_model("tinytok").manifest_json)["vocab"]
+    text = "".join(vocab[i] for i in (1, 4, 2, 7))
+    proc = cli(
+        "stream", "--target", server.target, "--model", "tinytok", "--session", "cli-tok",
+        "--top-k", "2", stdin=text,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4
+    probs = tok_oracle.run(np.array([1, 4, 2, 7], np.int64))[0]
+    for i, line in enumerate(lines):
+        seq, shown = line.split(",", 1)
+        assert int(seq) == i
+        best = shown.split()[0]  # "'c':0.123"
+        name, p = best.rsplit(":", 1)
+        assert name == repr(vocab[int(np.argmax(probs[i]))])
+        assert abs(float(p) - float(probs[i].max())) < 1e-3
+        assert len(shown.split()) == 2
+
+
+# -- forecast --------------------------------------------------------------------------------
+
+
+def test_forecast_prints_horizon_lines(server: ServerThread, oracle: OnePass) -> None:
+    x = xs(7, 4)
+    with Client(server.target) as c:
+        c.predict("tiny", "cli-fc", x, seq=0)
+    proc = cli(
+        "forecast", "--target", server.target, "--model", "tiny", "--session", "cli-fc",
+        "--horizon", "5",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = np.array(
+        [[float(v) for v in line.split(",")] for line in proc.stdout.strip().splitlines()]
+    )
+    assert rows.shape == (5, 3)
+    seq, expected = x, []
+    for _ in range(5):
+        y = oracle.run(seq)[0][-1]
+        expected.append(y)
+        seq = np.concatenate([seq, y[None]])
+    np.testing.assert_allclose(rows, np.stack(expected), rtol=RTOL, atol=ATOL)
+    with Client(server.target) as c:
+        assert c.get_session("tiny", "cli-fc").next_seq == 4  # not committed
+
+
+def test_forecast_commit_and_errors(server: ServerThread) -> None:
+    with Client(server.target) as c:
+        c.predict("tinytok", "cli-fct", tokens=[1, 2, 3], seq=0)
+    proc = cli(
+        "forecast", "--target", server.target, "--model", "tinytok", "--session", "cli-fct",
+        "--horizon", "6", "--commit",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.rstrip("\n")) == 6  # one character per generated token
+    with Client(server.target) as c:
+        assert c.get_session("tinytok", "cli-fct").next_seq == 9
+    proc = cli(
+        "forecast", "--target", server.target, "--model", "tiny", "--session", "cli-none",
+        "--horizon", "3",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "NOT_FOUND" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def test_serve_with_a_broken_repository_exits_1(tmp_path: Path) -> None:
+    proc = cli("serve", "--port", "0", "--metrics-port", "-1", "--model-repository", str(tmp_path))
+    assert proc.returncode == 1
+    assert "no loadable model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_with_an_invalid_flag_says_which(tiny_repo: Path) -> None:
+    proc = cli("serve", "--port", "-5", "--model-repository", str(tiny_repo))
+    assert proc.returncode != 0
+    assert "port" in proc.stderr
+    assert "Traceback" not in proc.stderr
