@@ -1,0 +1,42 @@
+"""Shared fixtures. Keep this small and generic; model factories live in tests/helpers/models.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def shipped_models_dir() -> Path:
+    """The model repository shipped with the project (models/)."""
+    return PROJECT_ROOT / "models"
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only model repository built once per session: `tiny` (real, 3 -> 3, 2 layers,
+    hidden 16) and `tinytok` (token, vocab 12, 2 layers, hidden 16), each at version 1.
+    Tests that change files must use `tiny_repo_copy`."""
+    from tests.helpers.models import make_model_repo
+
+    root = tmp_path_factory.mktemp("tiny_repo")
+    make_model_repo(root, name="tiny", kind="real")
+    make_model_repo(root, name="tinytok", kind="token", output_dim=12, seed=1)
+    return root
+
+
+@pytest.fixture
+def tiny_repo_copy(tiny_repo: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of `tiny_repo`."""
+    dst = tmp_path / "models"
+    shutil.copytree(tiny_repo, dst)
+    return dst

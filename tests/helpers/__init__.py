@@ -1,0 +1,1 @@
+"""Importable test helpers (``from tests.helpers.models import make_model_repo``)."""
