@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import NotFound
 
@@ -71,7 +71,7 @@ class Manifest(BaseModel):
         ge=1, description="Values per step (token models: the vocabulary size)."
     )
     vocab: list[str] | None = Field(
-        None, description="Token models: the characters/tokens, index = id."
+        None, validate_default=True, description="Token models: the characters/tokens, index = id."
     )
     output: Literal["values", "probabilities", "logits"] = "values"
     layers: int = Field(ge=1)
@@ -86,22 +86,41 @@ class Manifest(BaseModel):
     opset: int = Field(ge=7)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
-        if not _NAME.match(self.name):
-            raise ValueError(f"name {self.name!r} must match {_NAME.pattern}")
-        if not _VERSION.match(self.version):
-            raise ValueError(f"version {self.version!r} must be a whole number")
-        if self.kind is Kind.token:
-            if not self.vocab:
+    # Field validators (not one model validator) so a LoadError names the offending field.
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"name {v!r} must match {_NAME.pattern}")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not _VERSION.match(v):
+            raise ValueError(f"version {v!r} must be a whole number")
+        return v
+
+    @field_validator("input_dim")
+    @classmethod
+    def _input_dim(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("kind") is Kind.token and v != 1:
+            raise ValueError("token models have input_dim 1")
+        return v
+
+    @field_validator("vocab")
+    @classmethod
+    def _vocab(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        kind = info.data.get("kind")
+        if kind is Kind.token:
+            if not v:
                 raise ValueError("token models need vocab")
-            if self.input_dim != 1:
-                raise ValueError("token models have input_dim 1")
-            if self.output_dim != len(self.vocab):
-                raise ValueError(f"output_dim {self.output_dim} != len(vocab) {len(self.vocab)}")
-        elif self.vocab is not None:
+            out = info.data.get("output_dim")
+            if out is not None and out != len(v):
+                raise ValueError(f"output_dim {out} != len(vocab) {len(v)}")
+        elif kind is not None and v is not None:
             raise ValueError("vocab is only for token models")
-        return self
+        return v
 
     @property
     def vocab_size(self) -> int:
@@ -257,7 +276,7 @@ def load_version(
         return None, [LoadError(manifest_path, MANIFEST, "missing")]
     try:
         raw = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
         return None, [LoadError(manifest_path, MANIFEST, f"not valid JSON: {exc}")]
     try:
         manifest = Manifest.model_validate(raw)
