@@ -1,0 +1,233 @@
+"""Training data: loading, chronological splits, TBPTT streams, and the baselines models must beat.
+
+NumPy only (no torch), so the data helpers and baselines are cheap to import and to test.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+UNK = "<unk>"
+G = TypeVar("G", bound=np.generic)
+
+
+# --------------------------------------------------------------------------- splits and streams
+
+
+@dataclass(frozen=True)
+class Split:
+    """Chronological split of n steps: train [0, train_end), val [train_end, val_end), test rest."""
+
+    n: int
+    train_end: int
+    val_end: int
+
+    def as_dict(self) -> dict[str, list[int]]:
+        return {
+            "train": [0, self.train_end],
+            "val": [self.train_end, self.val_end],
+            "test": [self.val_end, self.n],
+        }
+
+
+def chronological_split(n: int, val_fraction: float, test_fraction: float) -> Split:
+    """Never shuffle a time series: the held-out parts are the tail, as they would be in use."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum below 1")
+    n_test = max(2, round(n * test_fraction))
+    n_val = max(2, round(n * val_fraction))
+    train_end = n - n_val - n_test
+    if train_end < 2:
+        raise ValueError(f"series of {n} steps is too short to split")
+    return Split(n=n, train_end=train_end, val_end=train_end + n_val)
+
+
+def to_streams(seq: npt.NDArray[G], batch: int) -> npt.NDArray[G]:
+    """Cut seq [T, ...] into `batch` contiguous streams [batch, T // batch, ...].
+
+    Row b is seq[b*L:(b+1)*L]; the remainder tail is dropped. Each row is one long sequence whose
+    LSTM state is carried from chunk to chunk, which is what makes truncated BPTT see long context.
+    """
+    length = len(seq) // batch
+    if length < 2:
+        raise ValueError(f"{len(seq)} steps cannot make {batch} streams of at least 2 steps")
+    return seq[: batch * length].reshape(batch, length, *seq.shape[1:])
+
+
+def bptt_chunks(
+    streams: npt.NDArray[G], bptt: int, offset: int = 0
+) -> Iterator[tuple[npt.NDArray[G], npt.NDArray[G]]]:
+    """Yield (x, y) chunks of at most `bptt` steps over streams [batch, L, ...], in order.
+
+    y is x shifted by one step (next-step targets). Chunk k+1 starts where chunk k stopped, so a
+    caller that carries (h, c) across chunks processes each stream as one unbroken sequence.
+    `offset` skips the first steps: a different offset per epoch moves the truncation points.
+    """
+    length = streams.shape[1]
+    start = offset
+    while start < length - 1:
+        stop = min(start + bptt, length - 1)
+        yield streams[:, start:stop], streams[:, start + 1 : stop + 1]
+        start = stop
+
+
+# --------------------------------------------------------------------------- real-valued series
+
+
+def load_csv_series(path: Path, columns: Sequence[str]) -> FloatArray:
+    """Read numeric columns of a CSV (with header) into float32 [T, len(columns)]."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no column(s) {missing}; it has {reader.fieldnames}")
+        rows = [[float(row[c]) for c in columns] for row in reader]
+    series = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(columns))
+    if not np.isfinite(series).all():
+        raise ValueError(f"{path}: non-finite values")
+    return series
+
+
+def write_vega_temps_csv(path: Path) -> int:
+    """Write the forecaster's data: vega_datasets' hourly 2010 Seattle and San Francisco temps.
+
+    Rows are joined on the timestamp (both files lack the same DST hour), nothing is
+    interpolated. Converted to degrees Celsius: float32 resolves 1e-5 only below ~32 in
+    magnitude, and the served graph must match PyTorch to 1e-5 in raw units (°F reach 80).
+    Returns the number of rows. Kept here so models/forecaster/data is reproducible.
+    """
+    import vega_datasets
+
+    src = Path(vega_datasets.__file__).parent / "_data"
+
+    def read(name: str, date_key: str) -> dict[str, str]:
+        with (src / name).open(newline="") as f:
+            return {row[date_key][:16]: row["temp"] for row in csv.DictReader(f)}
+
+    sea = read("seattle-temps.csv", "date")
+    sf = read("sf-temps.csv", "date")
+    stamps = sorted(set(sea) & set(sf))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["time", "seattle", "san_francisco"])
+        for t in stamps:
+            celsius = [round((float(v[t]) - 32.0) * 5.0 / 9.0, 4) for v in (sea, sf)]
+            w.writerow([t.replace("/", "-"), *celsius])
+    return len(stamps)
+
+
+def sha256_of_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mae_rmse(pred: FloatArray, target: FloatArray) -> tuple[float, float]:
+    err = pred.astype(np.float64) - target.astype(np.float64)
+    return float(np.abs(err).mean()), float(np.sqrt((err**2).mean()))
+
+
+def per_feature_mae_rmse(pred: FloatArray, target: FloatArray) -> list[tuple[float, float]]:
+    return [mae_rmse(pred[:, j], target[:, j]) for j in range(target.shape[1])]
+
+
+def persistence_forecast(series: FloatArray, start: int, end: int) -> FloatArray:
+    """Forecasts of series[start:end] by y_hat[t] = x[t-1]."""
+    return series[start - 1 : end - 1]
+
+
+def seasonal_naive_forecast(series: FloatArray, start: int, end: int, period: int) -> FloatArray:
+    """Forecasts of series[start:end] by y_hat[t] = x[t-period]."""
+    if start < period:
+        raise ValueError(f"seasonal-naive needs {period} steps of history before step {start}")
+    return series[start - period : end - period]
+
+
+# --------------------------------------------------------------------------- text
+
+
+def char_vocab() -> list[str]:
+    """<unk> at id 0, then tab, newline and printable ASCII: the same vocabulary on every host."""
+    return [UNK, "\t", "\n", *(chr(c) for c in range(32, 127))]
+
+
+def encode(text: str, vocab: Sequence[str]) -> IntArray:
+    """Characters outside the vocabulary map to <unk> (id 0)."""
+    index = {tok: i for i, tok in enumerate(vocab) if tok != UNK}
+    return np.fromiter((index.get(ch, 0) for ch in text), dtype=np.int64, count=len(text))
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@dataclass(frozen=True)
+class Corpus:
+    text: str
+    files: list[str]
+    sha256: str  # of the UTF-8 bytes of `text`, the concatenation actually trained on
+
+
+def read_corpus(root: Path, files: Sequence[str]) -> Corpus:
+    """Concatenate text files in the given order, each followed by a newline."""
+    parts = []
+    for name in files:
+        parts.append((root / name).read_text(encoding="utf-8", errors="replace"))
+        parts.append("\n")
+    text = "".join(parts)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return Corpus(text=text, files=list(files), sha256=digest)
+
+
+def unigram_bits(train: IntArray, test: IntArray, vocab_size: int, alpha: float = 1.0) -> float:
+    """Held-out bits per character of an add-alpha unigram model fitted on train."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + alpha
+    logp = np.log2(counts / counts.sum())
+    return float(-logp[test].mean())
+
+
+def bigram_bits(
+    train: IntArray, test: IntArray, vocab_size: int, alpha: float, previous: int | None = None
+) -> float:
+    """Held-out bits per character of an add-alpha bigram model P(b | a) fitted on train.
+
+    `previous` is the character before test[0] (the held-out text continues the training text);
+    without it the first character is scored by the unigram model.
+    """
+    pairs = np.zeros((vocab_size, vocab_size), dtype=np.float64)
+    np.add.at(pairs, (train[:-1], train[1:]), 1.0)
+    pairs += alpha
+    logp = np.log2(pairs / pairs.sum(axis=1, keepdims=True))
+    total = float(-logp[test[:-1], test[1:]].sum())
+    if previous is not None:
+        total += float(-logp[previous, test[0]])
+    else:
+        total += unigram_bits(train, test[:1], vocab_size)
+    return total / len(test)
+
+
+def best_bigram_alpha(
+    train: IntArray, val: IntArray, vocab_size: int, alphas: Sequence[float] = (1.0, 0.1, 0.01)
+) -> float:
+    """Pick the smoothing on the validation split, so the baseline is as strong as it fairly can be."""
+    scores = {a: bigram_bits(train, val, vocab_size, a, previous=int(train[-1])) for a in alphas}
+    return min(scores, key=lambda a: scores[a])
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)

@@ -1,0 +1,289 @@
+"""ONNX export: graph shape, ORT/torch parity, refusal paths, and the two shipped models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from service.repository import Kind, load_repository, sha256_file  # noqa: E402
+from service.training import data as D  # noqa: E402
+from service.training import export as E  # noqa: E402
+from service.training.model import RealLSTM, TokenLSTM, WithSoftmax  # noqa: E402
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+SIZES = [(1, 1), (2, 5), (3, 7), (8, 50), (16, 3)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    # On a busy 2-core CI box two OpenMP threads stall each other; one is faster and steadier.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _real_fields(name: str = "tiny-real") -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "real",
+        "input_dim": 3,
+        "output_dim": 3,
+        "layers": 2,
+        "hidden_size": 8,
+        "normalisation": {
+            "input_mean": [10.0, -2.0, 0.5],
+            "input_std": [3.0, 0.5, 1.0],
+            "output_mean": [10.0, -2.0, 0.5],
+            "output_std": [3.0, 0.5, 1.0],
+        },
+        "data": {"source": "random weights", "licence": "CC0"},
+    }
+
+
+def _real_module() -> RealLSTM:
+    torch.manual_seed(1)
+    n = _real_fields()["normalisation"]
+    return RealLSTM(
+        3, 3, 8, 2, 0.0, n["input_mean"], n["input_std"], n["output_mean"], n["output_std"]
+    )
+
+
+def _token_fields() -> dict[str, Any]:
+    vocab = D.char_vocab()
+    return {
+        "name": "tiny-token",
+        "kind": "token",
+        "input_dim": 1,
+        "output_dim": len(vocab),
+        "vocab": vocab,
+        "output": "probabilities",
+        "layers": 1,
+        "hidden_size": 16,
+        "data": {"source": "random weights", "licence": "CC0"},
+    }
+
+
+def _token_module() -> WithSoftmax:
+    torch.manual_seed(2)
+    return WithSoftmax(TokenLSTM(len(D.char_vocab()), 4, 16, 1))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    root = tmp_path_factory.mktemp("repo")
+    real, token = _real_module(), _token_module()
+    return {
+        "real": (E.export_module(real, _real_fields(), root) / "model.onnx", real),
+        "token": (E.export_module(token, _token_fields(), root) / "model.onnx", token),
+    }
+
+
+@pytest.mark.parametrize("kind", ["real", "token"])
+def test_graph_uses_lstm_ops_and_dynamic_axes(
+    exported: dict[str, tuple[Path, Any]], kind: str
+) -> None:
+    model = onnx.load(str(exported[kind][0]))
+    ops = [n.op_type for n in model.graph.node]
+    layers = 2 if kind == "real" else 1
+    assert ops.count("LSTM") == layers  # one ONNX LSTM op per layer, not an unrolled cell
+    assert not {"Loop", "Scan"} & set(ops)
+    assert model.opset_import[0].version == E.OPSET
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.input, *model.graph.output]
+    }
+    hidden = 8 if kind == "real" else 16
+    assert dims["h0"] == dims["c0"] == dims["hn"] == dims["cn"] == [layers, "batch", hidden]
+    assert dims["x"][:2] == ["batch", "time"] and dims["y"][:2] == ["batch", "time"]
+    x_type = model.graph.input[0].type.tensor_type.elem_type
+    assert x_type == (onnx.TensorProto.INT64 if kind == "token" else onnx.TensorProto.FLOAT)
+
+
+@pytest.mark.parametrize("kind", ["real", "token"])
+@pytest.mark.parametrize(("batch", "time"), SIZES)
+def test_parity_ort_vs_torch(
+    exported: dict[str, tuple[Path, Any]], kind: str, batch: int, time: int
+) -> None:
+    path, module = exported[kind]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(batch * 100 + time)
+    layers, hidden = (2, 8) if kind == "real" else (1, 16)
+    if kind == "real":
+        n = _real_fields()["normalisation"]
+        z = rng.standard_normal((batch, time, 3))
+        x = (np.array(n["input_mean"]) + np.array(n["input_std"]) * z).astype(np.float32)
+    else:
+        x = rng.integers(0, len(D.char_vocab()), size=(batch, time)).astype(np.int64)
+    h0 = rng.normal(0, 0.7, (layers, batch, hidden)).astype(np.float32)
+    c0 = rng.normal(0, 0.7, (layers, batch, hidden)).astype(np.float32)
+    got = sess.run(["y", "hn", "cn"], {"x": x, "h0": h0, "c0": c0})
+    with torch.no_grad():
+        want = [
+            t.numpy()
+            for t in module(torch.from_numpy(x), torch.from_numpy(h0), torch.from_numpy(c0))
+        ]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+    if kind == "token":
+        np.testing.assert_allclose(got[0].sum(-1), 1.0, atol=1e-5)
+    # A nonzero initial state matters: the same input from zeros gives different outputs.
+    zeros = np.zeros_like(h0)
+    from_zero = sess.run(["y"], {"x": x, "h0": zeros, "c0": zeros})[0]
+    assert np.max(np.abs(from_zero - got[0])) > 1e-4
+
+
+def test_refuses_when_parity_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Any real difference exceeds a negative tolerance, so this runs the genuine refusal path.
+    monkeypatch.setattr(E, "PARITY_TOLERANCE", -1.0)
+    with pytest.raises(E.ExportError, match="parity"):
+        E.export_module(_real_module(), _real_fields(), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no staging left
+
+
+class _ShapeBaked(RealLSTM):
+    """Python control flow on the batch size: tracing bakes in the export example's branch."""
+
+    def forward(self, x: Any, h0: Any, c0: Any) -> Any:
+        y, hn, cn = super().forward(x, h0, c0)
+        if x.shape[0] != E.EXPORT_EXAMPLE[0]:
+            y = y + 1.0
+        return y, hn, cn
+
+
+def test_refuses_a_graph_that_differs_from_torch_at_other_shapes(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    module = _ShapeBaked(3, 3, 8, 2)
+    with pytest.raises(E.ExportError, match="parity"):
+        E.export_module(module, _real_fields(), tmp_path)
+    assert not (tmp_path / "tiny-real").exists()
+
+
+def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    first = E.export_module(_real_module(), _real_fields(), tmp_path)
+    sha = sha256_file(first / "model.onnx")
+    with pytest.raises(E.ExportError, match="exists"):
+        E.export_module(_real_module(), _real_fields(), tmp_path)
+    torch.manual_seed(99)
+    E.export_module(RealLSTM(3, 3, 8, 2), _real_fields(), tmp_path, overwrite=True)
+    assert sha256_file(first / "model.onnx") != sha
+    assert json.loads((first / "manifest.json").read_text())["sha256"] != sha
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-real"]
+
+
+@pytest.mark.filterwarnings("ignore")  # the exporter's own notices; export.py filters them too
+def test_check_graph_rejects_a_fixed_batch(tmp_path: Path) -> None:
+    path = tmp_path / "fixed.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            _real_module(),
+            (torch.zeros(2, 5, 3), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8)),
+            str(path),
+            dynamo=False,
+            opset_version=E.OPSET,
+            input_names=E.INPUT_NAMES,
+            output_names=E.OUTPUT_NAMES,
+        )
+    with pytest.raises(E.ExportError, match="fixed"):
+        E.check_graph(path)
+
+
+# --------------------------------------------------------------------------- shipped models
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Any:
+    repo = load_repository(MODELS)
+    assert repo.errors == []
+    return repo
+
+
+def test_shipped_models_load_and_match_their_sha(shipped: Any) -> None:
+    assert {"forecaster", "charlm"} <= set(shipped.models)
+    for name in ("forecaster", "charlm"):
+        mv = shipped.get(name, "1")
+        assert sha256_file(mv.onnx_path) == mv.manifest.sha256
+        assert mv.onnx_path.stat().st_size < 2_000_000
+        assert mv.manifest.opset == E.OPSET
+        assert (MODELS / name / "train.toml").is_file()
+        recipe = tomllib.loads((MODELS / name / "train.toml").read_text())
+        assert mv.manifest.training["recipe"]["name"] == recipe["name"] == name  # type: ignore[index]
+
+
+def test_forecaster_beats_its_baselines(shipped: Any) -> None:
+    m = shipped.get("forecaster", "1").manifest
+    assert m.kind is Kind.real and m.input_dim == m.output_dim
+    metrics = m.metrics
+    for baseline in ("persistence", "seasonal_naive"):
+        for metric in ("test_mae", "test_rmse"):
+            assert metrics["model"][metric] < metrics["baselines"][baseline][metric], (
+                baseline,
+                metric,
+            )
+
+
+def test_forecaster_metrics_reproduce_with_onnx_runtime(shipped: Any) -> None:
+    """Recompute the held-out MAE from the shipped graph and data: the manifest is not just text."""
+    mv = shipped.get("forecaster", "1")
+    m = mv.manifest
+    recipe = tomllib.loads((MODELS / "forecaster" / "train.toml").read_text())
+    series = D.load_csv_series(
+        MODELS / "forecaster" / recipe["data"]["path"], recipe["data"]["columns"]
+    )
+    start = m.metrics["split"]["test"][0]
+    sess = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
+    h0 = np.zeros((m.layers, 1, m.hidden_size), np.float32)
+    y = sess.run(["y"], {"x": series[None], "h0": h0, "c0": h0})[0][0]
+    mae, rmse = D.mae_rmse(y[start - 1 : -1], series[start:])
+    assert mae == pytest.approx(m.metrics["model"]["test_mae"], abs=1e-4)
+    assert rmse == pytest.approx(m.metrics["model"]["test_rmse"], abs=1e-4)
+    persist = D.mae_rmse(D.persistence_forecast(series, start, len(series)), series[start:])[0]
+    assert persist == pytest.approx(m.metrics["baselines"]["persistence"]["test_mae"], abs=1e-4)
+
+
+def test_charlm_beats_the_bigram(shipped: Any) -> None:
+    m = shipped.get("charlm", "1").manifest
+    assert m.kind is Kind.token and m.output == "probabilities"
+    assert m.vocab == D.char_vocab()
+    model_bpc = m.metrics["model"]["test_bits_per_char"]
+    assert model_bpc < m.metrics["baselines"]["bigram"]["test_bits_per_char"]
+    assert model_bpc < m.metrics["baselines"]["unigram"]["test_bits_per_char"]
+
+
+def test_charlm_predicts_held_out_text_better_than_the_bigram(shipped: Any) -> None:
+    """Score the start of the held-out text with ONNX Runtime (needs this Python's stdlib)."""
+    mv = shipped.get("charlm", "1")
+    m = mv.manifest
+    recipe = tomllib.loads((MODELS / "charlm" / "train.toml").read_text())
+    corpus = D.read_corpus(D.stdlib_dir(), recipe["data"]["files"])
+    if corpus.sha256 != recipe["data"]["sha256"]:
+        pytest.skip("this Python's stdlib differs from the one charlm was trained on")
+    ids = D.encode(corpus.text, m.vocab or [])
+    start = m.metrics["split"]["test"][0]
+    sample = ids[start : start + 5000]
+    sess = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
+    h0 = np.zeros((m.layers, 1, m.hidden_size), np.float32)
+    probs = sess.run(["y"], {"x": sample[None, :-1], "h0": h0, "c0": h0})[0][0]
+    bpc = float(-np.log2(probs[np.arange(len(sample) - 1), sample[1:]]).mean())
+    assert bpc < m.metrics["baselines"]["bigram"]["test_bits_per_char"]
+
+
+def test_forecaster_data_and_provenance_are_shipped() -> None:
+    data_dir = MODELS / "forecaster" / "data"
+    assert (data_dir / "PROVENANCE.md").is_file()
+    assert (MODELS / "charlm" / "data" / "PROVENANCE.md").is_file()
+    with (data_dir / "temps_2010_hourly.csv").open() as f:
+        header = next(csv.reader(f))
+    assert header == ["time", "seattle", "san_francisco"]

@@ -1,0 +1,263 @@
+"""Training pipeline: TBPTT data helpers, baselines, tiny train-and-export runs, reproducibility."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from service.repository import load_repository  # noqa: E402
+from service.training import data as D  # noqa: E402
+from service.training import export as E  # noqa: E402
+from service.training import train as T  # noqa: E402
+
+REAL_RECIPE = """
+name = "sine"
+kind = "real"
+description = "test: two noisy sines"
+seed = 7
+threads = 1
+[data]
+source = "csv"
+path = "sine.csv"
+columns = ["a", "b"]
+seasonal_period = 24
+val_fraction = 0.1
+test_fraction = 0.1
+[data.provenance]
+source = "synthetic (tests/unit/test_training.py)"
+licence = "CC0"
+[model]
+layers = 2
+hidden_size = 12
+[train]
+batch = 8
+bptt = 24
+epochs = 4
+lr = 0.01
+level_shift = 0.1
+"""
+
+TOKEN_RECIPE = """
+name = "chars"
+kind = "token"
+seed = 7
+threads = 1
+[data]
+source = "text"
+root = "."
+files = ["a.txt", "b.txt"]
+val_fraction = 0.1
+test_fraction = 0.1
+[data.provenance]
+source = "synthetic (tests/unit/test_training.py)"
+licence = "CC0"
+[model]
+layers = 1
+hidden_size = 24
+embed_dim = 8
+[train]
+batch = 4
+bptt = 32
+epochs = 3
+lr = 0.01
+eval_streams = 2
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    # On a busy 2-core CI box two OpenMP threads stall each other; one is faster and steadier.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_real(root: Path) -> Path:
+    t = np.arange(1500)
+    rng = np.random.default_rng(0)
+    a = 10 + 3 * np.sin(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(len(t))
+    b = 5 * np.cos(2 * np.pi * t / 24) + 0.5 * np.sin(t / 50)
+    rows = "\n".join(f"{i},{x:.4f},{y:.4f}" for i, x, y in zip(t, a, b, strict=True))
+    (root / "sine.csv").write_text("t,a,b\n" + rows + "\n")
+    (root / "train.toml").write_text(REAL_RECIPE)
+    return root / "train.toml"
+
+
+def _write_token(root: Path) -> Path:
+    (root / "a.txt").write_text("def add(a, b):\n    return a + b\n\n" * 60)
+    (root / "b.txt").write_text("for i in range(10):\n\tprint(i)  # é\n" * 60)
+    (root / "train.toml").write_text(TOKEN_RECIPE)
+    return root / "train.toml"
+
+
+# --------------------------------------------------------------------------- data helpers
+
+
+def test_streams_are_contiguous_slices_of_the_sequence() -> None:
+    seq = np.arange(103)
+    s = D.to_streams(seq, 4)
+    assert s.shape == (4, 25)
+    for b in range(4):
+        np.testing.assert_array_equal(s[b], seq[b * 25 : (b + 1) * 25])
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_bptt_chunks_continue_where_the_previous_stopped(offset: int) -> None:
+    streams = D.to_streams(np.arange(200), 4)  # 4 x 50
+    chunks = list(D.bptt_chunks(streams, 8, offset))
+    assert len(chunks) > 2
+    for x, y in chunks:
+        np.testing.assert_array_equal(y, x + 1)  # targets are the next step
+        assert x.shape[1] <= 8
+    xs = np.concatenate([x for x, _ in chunks], axis=1)
+    # Chunks tile each stream without gaps or overlap, from offset to the last input step.
+    np.testing.assert_array_equal(xs, streams[:, offset:-1])
+    for (x0, _), (x1, _) in itertools.pairwise(chunks):
+        np.testing.assert_array_equal(x1[:, 0], x0[:, -1] + 1)
+
+
+def test_train_epoch_carries_detached_state_across_chunks() -> None:
+    from service.training.model import RealLSTM
+
+    torch.manual_seed(0)
+    model = RealLSTM(1, 1, hidden_size=6, layers=2)
+    streams = D.to_streams(np.sin(np.arange(300) / 5).astype(np.float32)[:, None], 3)
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):  # type: ignore[no-untyped-def]
+        out, hn, cn = model.forward_normalised(x, h, c)
+        seen.append((h, c, hn.detach().clone(), cn.detach().clone()))
+        return out, hn, cn
+
+    spec = T.TrainSpec(batch=3, bptt=10, epochs=1, lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss, finished = T.train_epoch(
+        model, forward, T.RealTask.loss_fn, streams, spec, opt, 0, float("inf")
+    )
+    assert finished and math.isfinite(loss)
+    assert len(seen) == 10  # 99 input steps per stream in chunks of 10
+    assert torch.count_nonzero(seen[0][0]) == 0 and torch.count_nonzero(seen[0][1]) == 0
+    for (_, _, hn, cn), (h_next, c_next, _, _) in itertools.pairwise(seen):
+        assert not h_next.requires_grad and not c_next.requires_grad  # truncated: detached
+        assert torch.equal(h_next, hn) and torch.equal(c_next, cn)  # ... but carried
+        assert torch.count_nonzero(h_next) > 0
+
+
+def test_chronological_split_keeps_the_tail_for_test() -> None:
+    s = D.chronological_split(1000, 0.15, 0.1)
+    assert (s.train_end, s.val_end, s.n) == (750, 900, 1000)
+    with pytest.raises(ValueError):
+        D.chronological_split(1000, 0.6, 0.5)
+
+
+def test_naive_baselines() -> None:
+    series = np.arange(30, dtype=np.float32)[:, None] ** 2
+    np.testing.assert_array_equal(D.persistence_forecast(series, 20, 30), series[19:29])
+    np.testing.assert_array_equal(D.seasonal_naive_forecast(series, 20, 30, 7), series[13:23])
+    mae, rmse = D.mae_rmse(np.array([1.0, 3.0]), np.array([0.0, 0.0]))
+    assert (mae, rmse) == (2.0, math.sqrt(5.0))
+
+
+def test_vocab_and_ngram_baselines() -> None:
+    vocab = D.char_vocab()
+    assert vocab[0] == D.UNK and len(vocab) == len(set(vocab)) == 98
+    ids = D.encode("a\tb\né", vocab)
+    assert ids.tolist() == [vocab.index("a"), 1, vocab.index("b"), 2, 0]
+    # A periodic text is perfectly predictable from the previous char: bigram << unigram.
+    text = D.encode("abcd" * 500, vocab)
+    train, test = text[:1600], text[1600:]
+    uni = D.unigram_bits(train, test, len(vocab))
+    bi = D.bigram_bits(train, test, len(vocab), 0.01, previous=int(train[-1]))
+    assert uni == pytest.approx(2.0, abs=0.1)
+    assert bi < 0.1
+    assert D.best_bigram_alpha(train, test, len(vocab)) == 0.01
+
+
+def test_recipe_validation() -> None:
+    bad = TOKEN_RECIPE.replace("embed_dim = 8\n", "")
+    import tomllib
+
+    with pytest.raises(ValueError, match="embed_dim"):
+        T.Recipe.model_validate(tomllib.loads(bad))
+    with pytest.raises(ValueError):
+        T.Recipe.model_validate(tomllib.loads(REAL_RECIPE.replace("lr = 0.01", "lr = -1")))
+
+
+# --------------------------------------------------------------------------- tiny runs
+
+
+def test_train_and_export_both_kinds(tmp_path: Path) -> None:
+    repo, runs = tmp_path / "repo", tmp_path / "runs"
+    (tmp_path / "r").mkdir()
+    (tmp_path / "t").mkdir()
+    results = {
+        "sine": T.train(_write_real(tmp_path / "r"), out=repo, runs=runs),
+        "chars": T.train(_write_token(tmp_path / "t"), out=repo, runs=runs),
+    }
+    for name, res in results.items():
+        assert res.history[-1].train_loss < 0.7 * res.history[0].train_loss, name
+        assert res.checkpoint == runs / name / "checkpoint.pt" and res.checkpoint.is_file()
+        assert res.export_dir == repo / name / "1"
+        manifest = json.loads((repo / name / "1" / "manifest.json").read_text())
+        assert manifest["training"]["epochs_run"] == len(res.history)
+        assert manifest["training"]["seed"] == 7
+        assert manifest["metrics"]["model"] and manifest["metrics"]["baselines"]
+    loaded = load_repository(repo)
+    assert loaded.errors == []
+    assert sorted(loaded.models) == ["chars", "sine"]
+    sine = loaded.get("sine").manifest
+    assert (sine.input_dim, sine.output_dim, sine.layers, sine.hidden_size) == (2, 2, 2, 12)
+    assert sine.normalisation is not None and sine.normalisation.in_graph
+    assert set(sine.metrics["baselines"]) == {"persistence", "seasonal_naive"}  # type: ignore[arg-type]
+    chars = loaded.get("chars").manifest
+    assert chars.output == "probabilities" and chars.vocab == D.char_vocab()
+    assert chars.data.files == ["a.txt", "b.txt"]
+    # No staging directories left behind.
+    assert sorted(p.name for p in repo.iterdir()) == ["chars", "sine"]
+
+
+def test_existing_version_is_refused_before_training(tmp_path: Path) -> None:
+    recipe = _write_real(tmp_path)
+    (tmp_path / "repo" / "sine" / "1").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="--force"):
+        T.train(recipe, out=tmp_path / "repo", runs=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_same_seed_same_weights(tmp_path: Path) -> None:
+    recipe = _write_real(tmp_path)
+
+    def weights(seed_text: str, run: str) -> dict[str, torch.Tensor]:
+        recipe.write_text(REAL_RECIPE.replace("seed = 7", seed_text))
+        res = T.train(recipe, runs=tmp_path / run, export=False)
+        state: dict[str, torch.Tensor] = E.load_checkpoint(res.checkpoint)["state_dict"]
+        return state
+
+    first, second = weights("seed = 7", "a"), weights("seed = 7", "b")
+    other = weights("seed = 8", "c")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_export_command_reexports_a_checkpoint(tmp_path: Path) -> None:
+    res = T.train(_write_token(tmp_path), runs=tmp_path / "runs", export=False)
+    parser = argparse.ArgumentParser()
+    E.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(res.checkpoint), "--out", str(tmp_path / "m")])
+    assert E.run(args) == 0
+    assert load_repository(tmp_path / "m").get("chars", "1").manifest.kind.value == "token"
+    assert E.run(args) == 1  # the version exists now: refused without --force
+    args.force = True
+    assert E.run(args) == 0
