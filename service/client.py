@@ -364,7 +364,12 @@ class AsyncClient:
 
 
 class AsyncSessionStream:
-    """asyncio SessionStream; send() may be called concurrently: requests are pipelined in order."""
+    """asyncio SessionStream; send() may be called concurrently: requests are pipelined in order.
+
+    Every unanswered request is kept. When the call breaks (a dropped connection, a closed
+    channel, a draining server) a new call is opened and they are resent in seq order, under
+    the same lock that orders sends, so nothing overtakes them.
+    """
 
     def __init__(
         self, client: AsyncClient, model: str, session_id: str, version: str = "",
@@ -376,10 +381,12 @@ class AsyncSessionStream:
         self.next_seq = start_seq
         self.reconnects = 0
         self._call: Any = None
+        self._call_channel: Any = None
+        self._closing = False
         self._lock = asyncio.Lock()
         # Sent but unanswered: (request, future for its result), oldest first.
         self._unacked: deque[tuple[pb.StepRequest, asyncio.Future[StepResult]]] = deque()
-        self._reader: asyncio.Task[None] | None = None
+        self._readers: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> AsyncSessionStream:
         return self
@@ -388,69 +395,100 @@ class AsyncSessionStream:
         await self.close()
 
     async def close(self) -> None:
-        if self._call is not None:
-            await self._call.done_writing()
-            if self._reader is not None:
-                await asyncio.gather(self._reader, return_exceptions=True)
-            self._call = None
+        """Wait for the answers still due, then end the call."""
+        if self._unacked:
+            await asyncio.gather(*(f for _, f in list(self._unacked)), return_exceptions=True)
+        self._closing = True
+        async with self._lock:
+            call, self._call = self._call, None
+        if call is not None:
+            with contextlib.suppress(Exception):
+                await call.done_writing()
+        await asyncio.gather(*self._readers, return_exceptions=True)
 
-    async def _open(self) -> None:
-        self._call = self.client.stub.Stream(metadata=self.client.conn.metadata)
-        self._reader = asyncio.create_task(self._read(self._call))
+    async def _open_locked(self) -> None:
+        """A new call, with every unanswered request resent in order. The caller holds _lock."""
+        channel = getattr(self.client, "channel", None)
+        if channel is not None and channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN:
+            await self.client.reconnect()  # our channel was closed under us
+        call = self.client.stub.Stream(metadata=self.client.conn.metadata)
+        self._call, self._call_channel = call, getattr(self.client, "channel", None)
+        reader = asyncio.create_task(self._read(call))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         for req, _ in list(self._unacked):
-            await self._call.write(req)
+            await call.write(req)
 
     async def _read(self, call: Any) -> None:
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+        error: BaseException | None = None
         try:
             async for resp in call.__aiter__():
+                if call is not self._call or not self._unacked:
+                    return  # a newer call took over
                 _, fut = self._unacked.popleft()
                 if not fut.done():
                     fut.set_result(step_results(resp)[0])
-        except grpc.RpcError as exc:
-            if call is self._call:
-                await self._recover(exc)
-            return
-        if self._unacked and call is self._call:
-            await self._recover(None)
-
-    async def _recover(self, exc: grpc.RpcError | None) -> None:
-        code = exc.code() if exc is not None else grpc.StatusCode.UNAVAILABLE
-        for attempt in range(self.max_retries):
-            if code not in RETRYABLE:
-                break
-            self.reconnects += 1
-            await asyncio.sleep(self.backoff_s * (2**attempt))
-            try:
-                await self.client.reconnect()
-                await self._open()
+            if not self._unacked or self._closing:
                 return
-            except grpc.RpcError as again:
-                code = again.code()
-        while self._unacked:
-            _, fut = self._unacked.popleft()
-            if not fut.done():
-                fut.set_exception(exc if exc is not None else ConnectionError("stream ended"))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled, not the call
+            code = grpc.StatusCode.CANCELLED  # the channel was closed under the call
+        except grpc.RpcError as exc:
+            code, error = exc.code(), exc
+        except Exception as exc:  # e.g. a write on a closed channel
+            error = exc
+        await self._recover(call, code, error)
+
+    async def _recover(self, call: Any, code: grpc.StatusCode, error: BaseException | None) -> None:
+        async with self._lock:
+            if call is not self._call:
+                return  # already recovered
+            self._call = None
+            if code in RETRYABLE and not self._closing:
+                for attempt in range(self.max_retries):
+                    self.reconnects += 1
+                    await asyncio.sleep(self.backoff_s * (2**attempt))
+                    try:
+                        await self._open_locked()
+                        return
+                    except Exception as exc:
+                        self._call, error = None, exc
+            failure = error if error is not None else ConnectionError("stream ended")
+            while self._unacked:
+                _, fut = self._unacked.popleft()
+                if not fut.done():
+                    fut.set_exception(failure)
 
     async def send(
         self, x: ArrayLike | None = None, tokens: Sequence[int] | None = None, top_k: int = 0
     ) -> StepResult:
         async with self._lock:  # numbering and writing happen in call order
             if self.next_seq is None:
-                self.next_seq = (
-                    await self.client.get_session(self.model, self.session_id, self.version)
-                ).next_seq
+                state = await self.client.get_session(self.model, self.session_id, self.version)
+                self.next_seq = state.next_seq
             steps = session_steps(self.session_id, x, tokens, seq=self.next_seq)
-            n = _steps(x, tokens)
             req = step_request(self.model, [steps], self.version, top_k=top_k)
             fut: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
             self._unacked.append((req, fut))
-            self.next_seq += n
-            if self._call is None:
-                await self._open()
-            else:
-                # On a broken stream the reader reconnects and resends everything unanswered.
-                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                    await self._call.write(req)
+            self.next_seq += _steps(x, tokens)
+            call = self._call
+            try:
+                if call is None:
+                    await self._open_locked()
+                else:
+                    await call.write(req)
+            except Exception:
+                # A broken call's reader recovers (resending this request too). When no call
+                # could even be made there is no reader: recover from here.
+                if self._call is None:
+                    task = asyncio.ensure_future(
+                        self._recover(None, grpc.StatusCode.UNAVAILABLE, None)
+                    )
+                    self._readers.add(task)
+                    task.add_done_callback(self._readers.discard)
         return await fut
 
     async def stream(self, xs: AsyncIterator[ArrayLike]) -> AsyncIterator[StepResult]:

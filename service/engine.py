@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -327,8 +328,11 @@ class Engine:
         if steps > limit:
             raise InvalidArgument(f"session {sid!r}: {steps} steps; at most {limit} per request")
         x = x.reshape(steps, m.input_dim)
-        finite = np.isfinite(x)
-        if not finite.all():
+        # A streamed step has a few values: math.isfinite over them beats two numpy calls.
+        if not (
+            all(map(math.isfinite, x.ravel().tolist())) if x.size <= 64 else np.isfinite(x).all()
+        ):
+            finite = np.isfinite(x)
             step = int(np.flatnonzero(~finite.all(axis=1))[0])
             raise InvalidArgument(f"session {sid!r}: x has NaN or Inf at step {step}")
         return x.astype(np.float32, copy=False)
@@ -351,6 +355,10 @@ class Engine:
                 _check_session_id(inp.session_id)
                 if inp.seq is not None and inp.seq < 0:
                     raise InvalidArgument(f"session {inp.session_id!r}: seq is negative")
+                if inp.reset and inp.seq not in (None, 0):
+                    raise InvalidArgument(
+                        f"session {inp.session_id!r}: a reset starts at seq 0, not {inp.seq}"
+                    )
                 keys.append(session_key(principal, inp.session_id))
                 xs.append(self._decode_steps(lm, inp))
             if len(set(keys)) != len(keys):
@@ -389,10 +397,6 @@ class Engine:
             next_seq = int(arena.next_seq[slot])
             gen = int(arena.gen[slot])
             if inp.reset:
-                if inp.seq not in (None, 0):
-                    raise InvalidArgument(
-                        f"session {inp.session_id!r}: a reset starts at seq 0, not {inp.seq}"
-                    )
                 r = lm.replay.get(key, gen, 0) if inp.seq == 0 else None
                 if r is not None and r.reset and r.steps == n and r.next_seq == next_seq:
                     plan.append(("replay", 0, slot, r))
@@ -704,8 +708,11 @@ class Engine:
         try:
             lm.table.restore(path, lm.snapshot_meta)
         except Exception:
-            # Keep the file for inspection; serve with no sessions rather than not at all.
-            logger.exception("%s: snapshot %s not restored", lm.label, path)
+            # Serve with no sessions rather than not at all, and move the file aside so the
+            # next snapshot does not overwrite what an operator may want to inspect.
+            kept = path.with_name(f"{path.name}.bad-{int(time.time())}")
+            path.replace(kept)
+            logger.exception("%s: snapshot %s not restored (kept as %s)", lm.label, path, kept)
 
 
 def _choose_token(probs: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

@@ -163,16 +163,21 @@ class Repository:
     def get(self, name: str, version: str = "") -> ModelVersion:
         versions = self.models.get(name)
         if not versions:
-            raise NotFound(f"model {name!r} not found")
+            raise NotFound(f"model {_short(name)!r} not found")
         if not version:
             return versions[self.versions(name)[-1]]
         try:
             return versions[version]
         except KeyError:
-            raise NotFound(f"model {name!r} has no version {version!r}") from None
+            raise NotFound(f"model {name!r} has no version {_short(version)!r}") from None
 
     def all(self) -> list[ModelVersion]:
         return [self.models[n][v] for n in sorted(self.models) for v in self.versions(n)]
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """Client-chosen text in an error message, cut short: status messages travel in metadata."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def sha256_file(path: Path) -> str:

@@ -201,6 +201,17 @@ class SessionTable:
                 raise ValueError(f"{path}: snapshot is for {saved_meta}, not {meta}")
             keys: list[str] = json.loads(str(z["keys"]))
             h, c, y, seq, idle = z["h"], z["c"], z["last_y"], z["next_seq"], z["idle"]
+        # Check everything before creating any session: a bad file restores nothing.
+        a, n = self.arena, len(keys)
+        want = {
+            "h": (h, (n, *a.h.shape[1:])), "c": (c, (n, *a.c.shape[1:])),
+            "last_y": (y, (n, *a.last_y.shape[1:])), "next_seq": (seq, (n,)), "idle": (idle, (n,)),
+        }  # fmt: skip
+        for name, (array, shape) in want.items():
+            if array.shape != shape:
+                raise ValueError(f"{path}: {name} has shape {array.shape}, expected {shape}")
+        if not all(isinstance(k, str) for k in keys) or len(set(keys)) != n:
+            raise ValueError(f"{path}: keys are not {n} distinct strings")
         now = time.monotonic()
         for i, key in enumerate(keys):
             slot = self.create(key)

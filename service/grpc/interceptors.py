@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
-from ..errors import ServiceError, Unauthenticated
+from ..errors import InvalidArgument, ServiceError, Unauthenticated
 from ..metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,35 @@ def _split(method: str) -> tuple[str, str]:
     return service, name
 
 
-def _rewrap(handler: Handler, wrap: Callable[[Any, bool, bool], Any]) -> Handler:
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse, so the RPC can refuse it cleanly."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError and friends: grpc would answer UNKNOWN with the class name
+            return UNDECODABLE
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> Any:
+    if request is UNDECODABLE:
+        raise InvalidArgument("the request is not a valid protobuf message for this method")
+    return request
+
+
+def _rewrap(
+    handler: Handler, wrap: Callable[[Any, bool, bool], Any], tolerant: bool = False
+) -> Handler:
     """A copy of handler whose behaviour is wrap(behaviour, request_streaming, response_streaming)."""
     kinds = [
         (handler.unary_unary, False, False, grpc.unary_unary_rpc_method_handler),
@@ -57,7 +85,11 @@ def _rewrap(handler: Handler, wrap: Callable[[Any, bool, bool], Any]) -> Handler
         if behaviour is not None:
             return make(  # type: ignore[no-any-return]
                 wrap(behaviour, req_stream, resp_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=(
+                    _tolerant(handler.request_deserializer)
+                    if tolerant
+                    else handler.request_deserializer
+                ),
                 response_serializer=handler.response_serializer,
             )
     return handler
@@ -96,7 +128,7 @@ class StatusInterceptor(Interceptor):
             async def count_in(it: AsyncIterator[Any]) -> AsyncIterator[Any]:
                 async for msg in it:
                     received.inc()
-                    yield msg
+                    yield _check_decoded(msg)
 
             if resp_stream and inspect.isasyncgenfunction(behaviour):
 
@@ -109,6 +141,8 @@ class StatusInterceptor(Interceptor):
                     else:
                         received.inc()
                     try:
+                        if not req_stream:
+                            _check_decoded(request)
                         async for resp in behaviour(request, context):
                             sent.inc()
                             yield resp
@@ -130,6 +164,8 @@ class StatusInterceptor(Interceptor):
                 else:
                     received.inc()
                 try:
+                    if not req_stream:
+                        _check_decoded(request)
                     resp = await behaviour(request, context)
                     if not resp_stream:
                         sent.inc()
@@ -143,7 +179,7 @@ class StatusInterceptor(Interceptor):
 
             return unary_behaviour
 
-        return _rewrap(handler, wrap)
+        return _rewrap(handler, wrap, tolerant=True)
 
 
 async def _map_error(exc: BaseException, context: Context, method: str) -> NoReturn:

@@ -38,19 +38,24 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         # Up to `window` messages of one stream are worked on at once; each starts in arrival
         # order (the engine queues sessions synchronously), and answers go out in that order.
         principal = PRINCIPAL.get()
-        pending: asyncio.Queue[asyncio.Future[pb.StepResponse] | None] = asyncio.Queue(self.window)
+        window = asyncio.Semaphore(self.window)
+        pending: asyncio.Queue[asyncio.Future[pb.StepResponse] | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._step(req, principal)))
+                    await window.acquire()  # released once its answer is sent
+                    pending.put_nowait(asyncio.ensure_future(self._step(req, principal)))
             finally:
-                await pending.put(None)
+                pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (task := await pending.get()) is not None:
-                yield await task
+                try:
+                    yield await task
+                finally:
+                    window.release()
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
