@@ -84,7 +84,8 @@ class Metrics:
             sessions_capacity=Gauge(
                 "lstm_serve_sessions_capacity",
                 "The session cap (max_sessions): at it, new sessions are refused or the LRU evicted.",
-                ["model"], registry=r,
+                ["model"],
+                registry=r,
             ),
             sessions_evicted=Counter(
                 "lstm_serve_sessions_evicted_total",
