@@ -22,7 +22,7 @@ from tests.helpers.proxy import ServeProcess
 SECONDS = 30.0
 WARM_UP_S = 8.0
 TTL_S, REAP_S = 2.0, 0.5
-RSS_GROWTH_MIB = 48.0  # documented in docs/guarantees.md
+RSS_GROWTH_MIB = 48.0  # documented in docs/operations.md (Guarantees)
 
 
 def _soak_module() -> ModuleType:
