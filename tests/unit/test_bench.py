@@ -1,0 +1,69 @@
+"""Smoke test of `lstm-serve bench`: a tiny run writes a valid result. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from service.bench import report
+from service.bench.loadgen import LOADS, QUICK_LOADS, split
+from service.cli import build_parser
+from tests.helpers.models import make_model_repo
+
+
+def test_split_spreads_streams_over_workers() -> None:
+    assert split(5, 2) == [3, 2]
+    assert split(1, 2) == [1, 0]
+    assert sum(split(256, 3)) == 256
+
+
+def test_targets_without_data_are_not_judged() -> None:
+    ts = report.targets({})
+    assert len(ts) == 5
+    assert all(t["ok"] is None for t in ts)
+
+
+@pytest.mark.timeout(120)
+def test_quick_bench_writes_json(tmp_path: Path) -> None:
+    make_model_repo(tmp_path / "repo", name="tiny", kind="real", input_dim=1, output_dim=1,
+                    hidden=8, layers=2)  # fmt: skip
+    out = tmp_path / "out"
+    args = build_parser().parse_args(
+        [
+            "bench", "--quick", "--no-plots", "--out", str(out),
+            "--model-repository", str(tmp_path / "repo"), "--model", "tiny",
+            "--duration", "0.3", "--warmup", "0.1", "--memory-sessions", "500,1500",
+        ]
+    )  # fmt: skip
+    from service.bench.run import run
+
+    assert run(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result) >= {"meta", "loads", "raw_ort", "servers", "memory", "targets"}
+    assert result["meta"]["model"]["name"] == "tiny"
+    assert result["meta"]["machine"]["cpus"] >= 1
+    assert [ld["name"] for ld in result["loads"]] == [
+        ld.name for ld in LOADS if ld.name in QUICK_LOADS
+    ]
+    assert {(r["batch"], r["steps_per_call"]) for r in result["raw_ort"]} >= {(1, 1), (256, 1)}
+    for server in ("echo", "naive", "lstm-serve"):
+        loads = result["servers"][server]["loads"]
+        assert set(loads) == set(QUICK_LOADS)
+        for r in loads.values():
+            assert r["errors"] == []
+            assert r["steps"] > 0 and r["messages"] > 0
+            for key in ("steps_per_s", "messages_per_s", "server_cpu_s_per_1k_steps",
+                        "server_peak_rss_bytes", "loadgen_cpu_s"):  # fmt: skip
+                assert isinstance(r[key], int | float) and math.isfinite(r[key])
+            assert set(r["latency_ms"]) >= {"p50", "p95", "p99"}
+    assert result["servers"]["lstm-serve"]["loads"]["streams64"]["batcher"]["inference_calls"] > 0
+    rows = result["memory"]["rows"]
+    assert [r["sessions"] for r in rows] == [500, 1500]
+    assert rows[-1]["sessions_reported"] == 1500
+    assert all(r["raw_state_bytes"] == r["sessions"] * 2 * 2 * 8 * 4 for r in rows)
+    assert len(result["targets"]) == 5
+    assert all(t["ok"] is not None for t in result["targets"])
+    assert "| target |" in (out / "results.md").read_text()
