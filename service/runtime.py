@@ -59,6 +59,19 @@ def choose_device(wanted: Device) -> DeviceChoice:
     return choice
 
 
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
+    """ONNX Runtime options for serving (the benchmarks' ceilings use the same)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # The inference thread shares the machine with the event loop: spinning threads would
+    # take the cores the gRPC server needs between batches.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.inter_op_num_threads = 1
+    if intra_op_threads > 0:
+        opts.intra_op_num_threads = intra_op_threads
+    return opts
+
+
 class ModelRuntime:
     """Runs one model version: run(x, h0, c0) -> (y, hn, cn) with the DESIGN.md graph contract."""
 
@@ -66,16 +79,8 @@ class ModelRuntime:
         self.mv = mv
         m = mv.manifest
         self.names = m.tensors
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # The inference thread shares the machine with the event loop: spinning threads would
-        # take the cores the gRPC server needs between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.inter_op_num_threads = 1
-        if intra_op_threads > 0:
-            opts.intra_op_num_threads = intra_op_threads
         self.session = ort.InferenceSession(
-            str(mv.onnx_path), opts, providers=list(choice.providers)
+            str(mv.onnx_path), session_options(intra_op_threads), providers=list(choice.providers)
         )
         active = self.session.get_providers()
         self.device = "cuda" if active and active[0] == CUDA else "cpu"

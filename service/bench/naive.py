@@ -27,14 +27,10 @@ class NaiveServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         import onnxruntime as ort
 
         m = mv.manifest
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.inter_op_num_threads = 1
-        if intra_op_threads > 0:
-            opts.intra_op_num_threads = intra_op_threads
+        from ..runtime import session_options
+
         self.sess = ort.InferenceSession(
-            str(mv.onnx_path), opts, providers=["CPUExecutionProvider"]
+            str(mv.onnx_path), session_options(intra_op_threads), providers=["CPUExecutionProvider"]
         )
         self.names = m.tensors
         self.token = m.kind is Kind.token

@@ -23,14 +23,12 @@ STEPS = (1, 32)
 def _session(model: BenchModel, intra_op_threads: int) -> Any:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.inter_op_num_threads = 1
-    if intra_op_threads > 0:
-        opts.intra_op_num_threads = intra_op_threads
+    from ..runtime import session_options
+
     return ort.InferenceSession(
-        str(model.version_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+        str(model.version_dir / "model.onnx"),
+        session_options(intra_op_threads),
+        providers=["CPUExecutionProvider"],
     )
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from service.config import Settings
 from service.grpc.server import LstmServer
@@ -93,3 +96,16 @@ class OnePass:
         h = np.zeros((self.layers, 1, self.hidden), np.float32)
         y, hn, cn = self.session.run(["y", "hn", "cn"], {"x": x[None], "h0": h, "c0": h})
         return y[0], hn[:, 0], cn[:, 0]
+
+
+def xs(seed: int, n: int) -> np.ndarray:
+    """n random steps for the tiny real model (3 features)."""
+    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
+
+
+def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
+    """The status code of the gRPC error fn raises (it must raise one)."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    code: grpc.StatusCode = info.value.code()
+    return code

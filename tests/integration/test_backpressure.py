@@ -31,11 +31,6 @@ ATOL = 1e-5
 C = grpc.StatusCode
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tiny" / "1")
-
-
 def _code(fn: Any) -> grpc.StatusCode:
     try:
         fn()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.client import Client
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import OnePass, ServerThread, xs
 
 ROOT = Path(__file__).resolve().parents[2]
 # Outputs are printed with %.6g: six significant digits.
@@ -25,16 +25,6 @@ RTOL, ATOL = 2e-5, 2e-5
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
     with ServerThread(model_repository=tiny_repo) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tiny" / "1")
-
-
-@pytest.fixture(scope="module")
-def tok_oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tinytok" / "1")
 
 
 def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -61,10 +51,6 @@ def parse_rows(stdout: str) -> tuple[list[int], np.ndarray]:
         seqs.append(int(head))
         rows.append([float(v) for v in vals])
     return seqs, np.array(rows, np.float32)
-
-
-def xs(seed: int, n: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
 
 
 # -- models ----------------------------------------------------------------------------------

@@ -40,11 +40,6 @@ def server(tiny_repo: Path) -> Iterator[ServerThread]:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tiny" / "1")
-
-
 @dataclass
 class Session:
     sid: str

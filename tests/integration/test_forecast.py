@@ -3,7 +3,7 @@ by hand through one ONNX Runtime pass (OnePass); commit, sampling, errors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.client import Client, session_steps
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import OnePass, ServerThread, code_of, xs
 
 ATOL = 1e-5
 MAX_HORIZON = 16
@@ -27,27 +27,6 @@ def server(tiny_repo: Path) -> Iterator[ServerThread]:
 def client(server: ServerThread) -> Iterator[Client]:
     with Client(server.target) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tiny" / "1")
-
-
-@pytest.fixture(scope="module")
-def tok_oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tinytok" / "1")
-
-
-def xs(seed: int, n: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
-
-
-def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    code: grpc.StatusCode = info.value.code()
-    return code
 
 
 def by_hand(oracle: OnePass, x: np.ndarray, horizon: int) -> np.ndarray:

@@ -24,11 +24,6 @@ def server(tiny_repo: Path) -> Iterator[ServerThread]:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tiny" / "1")
-
-
 @pytest.fixture
 def client(server: ServerThread) -> Iterator[Client]:
     with Client(server.target) as c:

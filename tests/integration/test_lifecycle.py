@@ -24,32 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import Client, StepResult, session_steps, step_request
 from service.grpc.pb import lstm_serve_pb2 as pb
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import OnePass, ServerThread, code_of, xs
 
 ATOL = 1e-5
 TINY = ("tiny", "1")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tiny" / "1")
-
-
-@pytest.fixture(scope="module")
-def tok_oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tinytok" / "1")
-
-
-def xs(seed: int, n: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
-
-
-def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    code: grpc.StatusCode = info.value.code()
-    return code
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import Client, session_steps, step_request
 from service.runtime import choose_device
-from tests.helpers.server import ServerThread
+from tests.helpers.server import ServerThread, xs
 
 SERVICE = "lstm_serve.v1.LstmServe"
 TINY = {"model": "tiny:1"}
@@ -59,10 +59,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(
         v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())
     )
-
-
-def xs(seed: int, n: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
 
 
 def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> bool:

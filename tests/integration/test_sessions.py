@@ -17,31 +17,10 @@ import numpy as np
 import pytest
 
 from service.client import Client, StepResult, session_steps, step_request
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import OnePass, ServerThread, code_of, xs
 
 ATOL = 1e-5
 TINY = ("tiny", "1")
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tiny" / "1")
-
-
-@pytest.fixture(scope="module")
-def tok_oracle(tiny_repo: Path) -> OnePass:
-    return OnePass(tiny_repo / "tinytok" / "1")
-
-
-def xs(seed: int, n: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
-
-
-def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    code: grpc.StatusCode = info.value.code()
-    return code
 
 
 def evicted(srv: ServerThread, reason: str, model: str = "tiny:1") -> float:
