@@ -22,6 +22,7 @@ import numpy as np
 from .batcher import Batcher, Work
 from .config import CapPolicy, Settings
 from .errors import (
+    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -87,6 +88,14 @@ class _Ticket:
     """A request's place in the per-session queues; abandoned when its caller went away."""
 
     abandoned: bool = False
+    deadline: float | None = None  # time.monotonic() after which the caller no longer waits
+
+    def check(self) -> None:
+        """Refuse to start work whose caller is gone or whose deadline has passed."""
+        if self.abandoned:
+            raise asyncio.CancelledError()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceeded("the deadline passed before the request could run")
 
 
 @dataclass(eq=False)
@@ -257,7 +266,11 @@ class Engine:
                 m.step_latency.labels(label).observe(time.perf_counter() - t0)
 
     async def _serialised(
-        self, lm: LoadedModel, keys: Sequence[str], fn: Callable[[_Ticket], Awaitable[T]]
+        self,
+        lm: LoadedModel,
+        keys: Sequence[str],
+        fn: Callable[[_Ticket], Awaitable[T]],
+        deadline: float | None = None,
     ) -> T:
         """Run fn after every earlier request on these sessions, before every later one.
 
@@ -272,12 +285,15 @@ class Engine:
         prevs = {id(p): p for k in keys if (p := tails.get(k)) is not None}
         for k in keys:
             tails[k] = done
-        ticket = _Ticket()
+        ticket = _Ticket(deadline=deadline)
 
         async def run() -> T:
             try:
                 for p in prevs.values():
                     await p  # type: ignore[misc]
+                # Checked here, not only by cancellation: the server may learn of an expired
+                # deadline only after the requests ahead of this one have finished.
+                ticket.check()
                 return await fn(ticket)
             finally:
                 done.set_result(None)
@@ -338,9 +354,17 @@ class Engine:
         return x.astype(np.float32, copy=False)
 
     async def step(
-        self, model: str, version: str, inputs: Sequence[StepInput], principal: str = ""
+        self,
+        model: str,
+        version: str,
+        inputs: Sequence[StepInput],
+        principal: str = "",
+        deadline: float | None = None,
     ) -> tuple[ModelVersion, list[StepOutput]]:
-        """Run the steps of one request (one session, or many: a gateway frame)."""
+        """Run the steps of one request (one session, or many: a gateway frame).
+
+        deadline (time.monotonic()): the request is refused, unapplied, if it has not started by then.
+        """
         with self._request("Step", model, version) as lm:
             if not inputs:
                 raise InvalidArgument("request has no sessions")
@@ -367,7 +391,7 @@ class Engine:
             async def apply(ticket: _Ticket) -> list[StepOutput]:
                 return await self._apply_steps(lm, ticket, list(inputs), keys, xs)
 
-            outputs = await self._serialised(lm, keys, apply)
+            outputs = await self._serialised(lm, keys, apply, deadline)
             return lm.mv, outputs
 
     async def _apply_steps(
@@ -378,8 +402,6 @@ class Engine:
         keys: list[str],
         xs: list[np.ndarray],
     ) -> list[StepOutput]:
-        if ticket.abandoned:
-            raise asyncio.CancelledError()
         table, arena = lm.table, lm.arena
         # 1. Decide every session's fate before changing anything (a frame is all or nothing).
         plan: list[tuple[str, int, int | None, Replay | None]] = []  # (action, seq, slot, replay)
@@ -514,8 +536,6 @@ class Engine:
             key = session_key(principal, session_id)
 
             async def run(ticket: _Ticket) -> ForecastResult:
-                if ticket.abandoned:
-                    raise asyncio.CancelledError()
                 return await self._forecast(
                     lm, key, session_id, horizon, px, prefix, sampling, commit
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,14 +24,16 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         self.engine = engine
         self.window = max_inflight_per_stream
 
-    async def _step(self, req: pb.StepRequest, principal: str) -> pb.StepResponse:
+    async def _step(
+        self, req: pb.StepRequest, principal: str, deadline: float | None
+    ) -> pb.StepResponse:
         mv, outputs = await self.engine.step(
-            req.model.name, req.model.version, convert.step_inputs(req), principal
+            req.model.name, req.model.version, convert.step_inputs(req), principal, deadline
         )
         return convert.step_response(mv, outputs, req.request_id, req.top_k)
 
     async def Predict(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
-        return await self._step(request, PRINCIPAL.get())
+        return await self._step(request, PRINCIPAL.get(), _deadline(context))
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: Context
@@ -45,7 +48,8 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
             try:
                 async for req in request_iterator:
                     await window.acquire()  # released once its answer is sent
-                    pending.put_nowait(asyncio.ensure_future(self._step(req, principal)))
+                    step = self._step(req, principal, _deadline(context))
+                    pending.put_nowait(asyncio.ensure_future(step))
             finally:
                 pending.put_nowait(None)
 
@@ -106,3 +110,9 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
 
     async def GetModel(self, request: pb.ModelRef, context: Context) -> pb.ModelInfo:
         return convert.model_info(self.engine.get_model(request.name, request.version))
+
+
+def _deadline(context: Context) -> float | None:
+    """The client's deadline on the engine's clock (time.monotonic), if it set one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
