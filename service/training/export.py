@@ -120,7 +120,7 @@ def export_module(
         onnx_path = vdir / ONNX_FILE
         kind = Kind(fields["kind"])
         layers, hidden = int(fields["layers"]), int(fields["hidden_size"])
-        _trace(module, kind, int(fields["input_dim"]), layers, hidden, onnx_path)
+        trace_to_onnx(module, kind, int(fields["input_dim"]), layers, hidden, onnx_path)
         check_graph(onnx_path)
         worst = parity_max_abs_diff(module, onnx_path, kind, fields, PARITY_CASES)
         # `not <=` also refuses NaN.
@@ -158,9 +158,10 @@ def export_module(
     return target
 
 
-def _trace(
+def trace_to_onnx(
     module: nn.Module, kind: Kind, input_dim: int, layers: int, hidden: int, path: Path
 ) -> None:
+    """Write module's graph to path with the graph contract's names and dynamic axes."""
     import torch
 
     batch, time = EXPORT_EXAMPLE

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import string
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +28,7 @@ from service.repository import (
     Normalisation,
     sha256_file,
 )
+from service.training.export import OPSET as EXPORT_OPSET
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -37,17 +37,7 @@ if TYPE_CHECKING:
     from service.reference import ReferenceModel
 
 Kind = Literal["real", "token"]
-OPSET = 17
-IN_NAMES = ["x", "h0", "c0"]
-OUT_NAMES = ["y", "hn", "cn"]
-DYNAMIC_AXES = {
-    "x": {0: "batch", 1: "time"},
-    "h0": {1: "batch"},
-    "c0": {1: "batch"},
-    "y": {0: "batch", 1: "time"},
-    "hn": {1: "batch"},
-    "cn": {1: "batch"},
-}
+OPSET = EXPORT_OPSET
 
 
 def vocab_of(size: int) -> list[str]:
@@ -105,30 +95,13 @@ def build_module(
 
 
 def export_onnx(module: nn.Module, path: Path, *, kind: Kind, input_dim: int = 3) -> Path:
-    """Export exactly as service/training/export.py does (legacy exporter, opset 17)."""
-    import torch
+    """Export with the exporter's own tracing call (no parity gate: tests check parity)."""
+    from service.repository import Kind as ManifestKind
+    from service.training.export import trace_to_onnx
 
     lstm = module.inner.lstm if kind == "token" else module.lstm  # type: ignore[union-attr]
-    batch, time = 2, 5
-    h0 = torch.zeros(lstm.num_layers, batch, lstm.hidden_size)
-    x = (
-        torch.zeros(batch, time, dtype=torch.int64)
-        if kind == "token"
-        else torch.zeros(batch, time, input_dim)
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (x, h0, h0.clone()),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=IN_NAMES,
-            output_names=OUT_NAMES,
-            dynamic_axes=DYNAMIC_AXES,
-        )
+    trace_to_onnx(module, ManifestKind(kind), input_dim, lstm.num_layers, lstm.hidden_size, path)
     return path
 
 
