@@ -102,7 +102,7 @@ COPY service ./service
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('onnxruntime')))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt "onnxruntime==${ONNXRUNTIME_VERSION}" \
     && pip install --no-deps . \
-    && python -c "import onnxruntime, service.grpc.server; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+    && python -c "import onnxruntime, lstm_serve.server.app; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
 # ---------------------------------------------------------------------------------------------
 # CPU runtime image: the default target, so it stays the last stage.

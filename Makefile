@@ -38,10 +38,10 @@ typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
 proto: $(VENV)/.dev
-	$(PY) -m service.grpc.gen_pb
+	$(PY) -m lstm_serve.server.gen_pb
 
 proto-check: $(VENV)/.dev
-	$(PY) -m service.grpc.gen_pb --check
+	$(PY) -m lstm_serve.server.gen_pb --check
 
 unit: $(VENV)/.dev
 	$(VENV)/bin/pytest -q -ra

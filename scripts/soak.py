@@ -38,7 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.client import Client, session_steps, step_request  # noqa: E402
+from lstm_serve.client import Client, session_steps, step_request  # noqa: E402
 
 FIELDS = ["t_s", "phase", "rss_mib", "sessions", "requests", "errors", "p50_ms", "p99_ms"]
 

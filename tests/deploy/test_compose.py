@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config import Settings
+from lstm_serve.server.settings import Settings
 from tests.deploy.promql import COMPOSE_FILE, DEPLOY, PROMETHEUS_CONFIG, ROOT, require_tool
 
 

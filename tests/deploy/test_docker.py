@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
+from lstm_serve.server.settings import Settings
 from tests.deploy.promql import DOCKERFILE, ROOT, require_tool
 
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -213,7 +213,7 @@ def test_dockerignore_build_context() -> None:
         "pyproject.toml",
         "README.md",
         "service/cli.py",
-        "service/grpc/pb/lstm_serve_pb2.pyi",
+        "service/lstm_serve/server/pb/lstm_serve_pb2.pyi",
         "models/forecaster/1/model.onnx",
         "models/forecaster/1/manifest.json",
         "models/forecaster/train.toml",

@@ -1,5 +1,5 @@
 """docs/operations.md: the generated settings table is current, and every metric, alert and
-recording rule is documented. Also service.settings_doc's own behaviour."""
+recording rule is documented. Also lstm_serve.server.settings_doc's own behaviour."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics_core import Metric
 
-from service import settings_doc
-from service.config import Settings
-from service.metrics import Metrics
+from lstm_serve.server import settings_doc
+from lstm_serve.server.metrics import Metrics
+from lstm_serve.server.settings import Settings
 from tests.deploy.promql import OPERATIONS_DOC, ROOT, alerting_rules, recording_rules
 
 
 def test_settings_table_is_current() -> None:
-    """Fails when service/config.py changed and the table was not regenerated."""
+    """Fails when service/lstm_serve/server/settings.py changed and the table was not regenerated."""
     assert settings_doc.current_block(OPERATIONS_DOC) == settings_doc.render_block(), (
         "docs/operations.md's settings table is stale: run "
-        "`python -m service.settings_doc --write docs/operations.md`"
+        "`python -m lstm_serve.server.settings_doc --write docs/operations.md`"
     )
 
 
@@ -43,7 +43,7 @@ def test_settings_table_has_a_row_per_setting() -> None:
 def test_settings_doc_cli_check_and_write(tmp_path: Path) -> None:
     doc = tmp_path / "ops.md"
     doc.write_text(f"intro\n\n{settings_doc.BEGIN}\n| stale |\n{settings_doc.END}\n\noutro\n")
-    cmd = [sys.executable, "-m", "service.settings_doc"]
+    cmd = [sys.executable, "-m", "lstm_serve.server.settings_doc"]
     check = subprocess.run([*cmd, "--check", str(doc)], capture_output=True, text=True, cwd=ROOT)
     assert check.returncode == 1 and "out of date" in check.stderr
     write = subprocess.run([*cmd, "--write", str(doc)], capture_output=True, text=True, cwd=ROOT)

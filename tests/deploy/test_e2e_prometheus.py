@@ -228,7 +228,7 @@ def test_health_command_of_the_image_healthcheck(live_server: LiveServer) -> Non
     """The Dockerfile's HEALTHCHECK runs `lstm-serve health`; the image has no torch or onnx."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
-        "from service.cli import main\n"
+        "from lstm_serve.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))"
     )
 

@@ -2,7 +2,7 @@
 
 Every factory is deterministic in its ``seed``: ``build_module(...)`` with the arguments given to
 ``make_model_repo(...)`` rebuilds the exact module that was exported, so tests can compare the
-ONNX graph with PyTorch and with ``service.reference``.
+ONNX graph with PyTorch and with ``tests.oracle.reference``.
 
 Typical use (e.g. for a server test)::
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from service.repository import (
+from lstm_serve.core.repository import (
     MANIFEST,
     ONNX_FILE,
     DataProvenance,
@@ -28,13 +28,13 @@ from service.repository import (
     Normalisation,
     sha256_file,
 )
-from service.training.export import OPSET as EXPORT_OPSET
+from lstm_serve.training.export import OPSET as EXPORT_OPSET
 
 if TYPE_CHECKING:
     import onnxruntime as ort
     from torch import nn
 
-    from service.reference import ReferenceModel
+    from tests.oracle.reference import ReferenceModel
 
 Kind = Literal["real", "token"]
 OPSET = EXPORT_OPSET
@@ -74,7 +74,7 @@ def build_module(
     """
     import torch
 
-    from service.training.model import RealLSTM, TokenLSTM, WithSoftmax
+    from lstm_serve.training.model import RealLSTM, TokenLSTM, WithSoftmax
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -96,8 +96,8 @@ def build_module(
 
 def export_onnx(module: nn.Module, path: Path, *, kind: Kind, input_dim: int = 3) -> Path:
     """Export with the exporter's own tracing call (no parity gate: tests check parity)."""
-    from service.repository import Kind as ManifestKind
-    from service.training.export import trace_to_onnx
+    from lstm_serve.core.repository import Kind as ManifestKind
+    from lstm_serve.training.export import trace_to_onnx
 
     lstm = module.inner.lstm if kind == "token" else module.lstm  # type: ignore[union-attr]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,11 +244,11 @@ def run_torch(
 
 
 def torch_from_reference(ref: ReferenceModel) -> nn.Module:
-    """A service.training.model module carrying the reference's weights (gates mapped back to
+    """A lstm_serve.training.model module carrying the reference's weights (gates mapped back to
     PyTorch's i, f, g, o order; the summed bias goes to bias_ih, bias_hh is zero)."""
     import torch
 
-    from service.training.model import RealLSTM, TokenLSTM, WithSoftmax
+    from lstm_serve.training.model import RealLSTM, TokenLSTM, WithSoftmax
 
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.tensor(np.asarray(a), dtype=torch.float32)

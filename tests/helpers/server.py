@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.config import Settings
-from service.grpc.server import LstmServer
+from lstm_serve.server.app import LstmServer
+from lstm_serve.server.settings import Settings
 
 
 class ServerThread:

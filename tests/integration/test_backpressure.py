@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 import pytest
 
-from service.client import AsyncClient, Client, session_steps, step_request
+from lstm_serve.client import AsyncClient, Client, session_steps, step_request
 from tests.helpers.proxy import ServeProcess
 from tests.helpers.server import OnePass, ServerThread
 

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import Client, session_steps
-from service.grpc.pb import lstm_serve_pb2 as pb
+from lstm_serve.client import Client, session_steps
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from tests.helpers.server import ServerThread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.client import Client
+from lstm_serve.client import Client
 from tests.helpers.server import OnePass, ServerThread, xs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def server(tiny_repo: Path) -> Iterator[ServerThread]:
 
 def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("lstm-serve")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lstm_serve.cli.main"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSTM_SERVE_")}
     return subprocess.run(
         [*cmd, *args], input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

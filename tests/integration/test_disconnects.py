@@ -6,7 +6,7 @@ random points, with requests in flight. Every stream resends what was not answer
 same seq; the server answers what it had applied from its replay cache and applies the rest. In
 the end every session's outputs and the (h, c) the server keeps equal one pass.
 
-The last tests pin down client-side (service/client.py) resume bugs, found here.
+The last tests pin down client-side (service/lstm_serve/client/client.py) resume bugs, found here.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import AsyncClient, Client, session_steps, step_request
-from service.grpc.pb import lstm_serve_pb2 as pb
-from service.grpc.pb import lstm_serve_pb2_grpc as pb_grpc
+from lstm_serve.client import AsyncClient, Client, session_steps, step_request
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
+from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
 from tests.helpers.proxy import TcpProxy, free_port
 from tests.helpers.server import OnePass, ServerThread
 
@@ -155,7 +155,7 @@ def test_cut_streams_lose_and_repeat_nothing(server: ServerThread, oracle: OnePa
     rng = np.random.default_rng(2024)
     via_proxy = _sessions("proxy", 35, rng)  # pipelined, through the proxy that drops
     via_close = _sessions("close", 25, rng)  # pipelined, channel closed under them
-    via_sync = _sessions("sync", 40, rng)  # service.client.SessionStream through the proxy
+    via_sync = _sessions("sync", 40, rng)  # lstm_serve.client.SessionStream through the proxy
     cuts = {"proxy drops": 0, "channel closes": 0, "sync channel closes": 0}
     resumes = {"pipelined": 0, "SessionStream": 0}
     errors: list[BaseException] = []
@@ -246,7 +246,7 @@ def test_cut_streams_lose_and_repeat_nothing(server: ServerThread, oracle: OnePa
     assert resumes["pipelined"] > 0 and resumes["SessionStream"] > 0
 
 
-# -- service/client.py AsyncSessionStream: bugs found by the test above ------------------------
+# -- service/lstm_serve/client/client.py AsyncSessionStream: bugs found by the test above ------------------------
 
 
 def test_async_session_stream_retries_its_first_connect(tiny_repo: Path) -> None:
@@ -337,7 +337,7 @@ def test_async_session_stream_resends_in_seq_order() -> None:
             async def reconnect(self) -> None:
                 pass
 
-        from service.client import AsyncSessionStream
+        from lstm_serve.client import AsyncSessionStream
 
         stream = AsyncSessionStream(FakeClient(), "tiny", "s", start_seq=0, backoff_s=0.001)  # type: ignore[arg-type]
         a = asyncio.ensure_future(stream.send(np.zeros((1, 3), np.float32)))

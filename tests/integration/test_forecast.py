@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import Client, session_steps
+from lstm_serve.client import Client, session_steps
 from tests.helpers.server import OnePass, ServerThread, code_of, xs
 
 ATOL = 1e-5

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from service.client import Client
-from service.grpc.pb import lstm_serve_pb2 as pb
+from lstm_serve.client import Client
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from tests.helpers.proxy import health_status
 from tests.helpers.server import ServerThread
 

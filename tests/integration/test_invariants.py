@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import AsyncClient, Client, session_steps, step_request
-from service.grpc.pb import lstm_serve_pb2 as pb
+from lstm_serve.client import AsyncClient, Client, session_steps, step_request
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from tests.helpers.server import OnePass, ServerThread
 
 ATOL = 1e-5

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import Client, StepResult, session_steps, step_request
-from service.grpc.pb import lstm_serve_pb2 as pb
+from lstm_serve.client import Client, StepResult, session_steps, step_request
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from tests.helpers.server import OnePass, ServerThread, code_of, xs
 
 ATOL = 1e-5
@@ -191,7 +191,7 @@ def test_concurrent_stops_are_safe(
 ) -> None:
     """stop() says it is safe to call twice, and serve() starts one per signal received: the
     second call must wait for the first, not stop (and snapshot) a second time."""
-    caplog.set_level(logging.INFO, logger="service")
+    caplog.set_level(logging.INFO, logger="lstm_serve")
     snap = tmp_path / "snap"
     srv = ServerThread(model_repository=tiny_repo, snapshot_dir=snap).start()
     try:
@@ -228,7 +228,7 @@ def free_port() -> int:
 
 def lstm_serve() -> list[str]:
     exe = Path(sys.executable).with_name("lstm-serve")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lstm_serve.cli.main"]
 
 
 class Process:

@@ -19,8 +19,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.client import Client, session_steps, step_request
-from service.runtime import choose_device
+from lstm_serve.client import Client, session_steps, step_request
+from lstm_serve.core.runtime import choose_device
 from tests.helpers.server import ServerThread, xs
 
 SERVICE = "lstm_serve.v1.LstmServe"
@@ -305,7 +305,7 @@ def test_startup_logs_device_once_and_no_errors(
     with ServerThread(model_repository=tiny_repo) as srv, Client(srv.target) as c:
         c.predict("tiny", "log", xs(30, 1))
         device = srv.engine.device
-    records = [r for r in caplog.records if r.name.startswith("service")]
+    records = [r for r in caplog.records if r.name.startswith("lstm_serve")]
     decisions = [r for r in records if "inference device" in r.getMessage()]
     assert len(decisions) == 1, [r.getMessage() for r in decisions]
     assert device in decisions[0].getMessage()

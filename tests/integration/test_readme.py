@@ -50,7 +50,7 @@ def test_python_example(server: ServerThread) -> None:
 def test_command_line_examples(server: ServerThread) -> None:
     for line in _block("sh", "lstm-serve stream").strip().splitlines():
         cmd = re.sub(r"(lstm-serve \w+)", rf"\1 --target {server.target}", line)
-        cmd = cmd.replace(".venv/bin/lstm-serve", f"{sys.executable} -m service.cli")
+        cmd = cmd.replace(".venv/bin/lstm-serve", f"{sys.executable} -m lstm_serve.cli.main")
         result = subprocess.run(
             cmd, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60
         )

@@ -19,8 +19,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import Client, session_steps, step_request
-from service.state import Snapshot
+from lstm_serve.client import Client, session_steps, step_request
+from lstm_serve.core.state import Snapshot
 from tests.helpers.proxy import ServeProcess, health_status
 from tests.helpers.server import OnePass, ServerThread
 
@@ -149,7 +149,7 @@ def test_sigkill_keeps_exactly_the_last_periodic_snapshot(
 
 
 def _meta(tiny_repo: Path, **change: object) -> dict[str, object]:
-    from service.repository import load_repository
+    from lstm_serve.core.repository import load_repository
 
     m = load_repository(tiny_repo).get("tiny").manifest
     meta: dict[str, object] = {

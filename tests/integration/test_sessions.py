@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import Client, StepResult, session_steps, step_request
+from lstm_serve.client import Client, StepResult, session_steps, step_request
 from tests.helpers.server import OnePass, ServerThread, code_of, xs
 
 ATOL = 1e-5

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from service.bench import report
-from service.bench.loadgen import LOADS, QUICK_LOADS, split
-from service.cli import build_parser
+from lstm_serve.bench import report
+from lstm_serve.bench.loadgen import LOADS, QUICK_LOADS, split
+from lstm_serve.cli.main import build_parser
 from tests.helpers.models import make_model_repo
 
 
@@ -38,7 +38,7 @@ def test_quick_bench_writes_json(tmp_path: Path) -> None:
             "--duration", "0.3", "--warmup", "0.1", "--memory-sessions", "500,1500",
         ]
     )  # fmt: skip
-    from service.bench.run import run
+    from lstm_serve.bench.run import run
 
     assert run(args) == 0
     result = json.loads((out / "results.json").read_text())

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.cli import build_parser
-from service.config import CapPolicy, Device, Settings
-from service.grpc.server import settings_from_args
+from lstm_serve.cli.main import build_parser
+from lstm_serve.core.runtime import Device
+from lstm_serve.core.state import CapPolicy
+from lstm_serve.server.app import settings_from_args
+from lstm_serve.server.settings import Settings
 
 FIELDS = list(Settings.model_fields)
 

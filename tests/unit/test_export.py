@@ -16,10 +16,10 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from service.repository import Kind, load_repository, sha256_file  # noqa: E402
-from service.training import data as D  # noqa: E402
-from service.training import export as E  # noqa: E402
-from service.training.model import RealLSTM, TokenLSTM, WithSoftmax  # noqa: E402
+from lstm_serve.core.repository import Kind, load_repository, sha256_file  # noqa: E402
+from lstm_serve.training import data as D  # noqa: E402
+from lstm_serve.training import export as E  # noqa: E402
+from lstm_serve.training.model import RealLSTM, TokenLSTM, WithSoftmax  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SIZES = [(1, 1), (2, 5), (3, 7), (8, 50), (16, 3)]

@@ -1,4 +1,4 @@
-"""The generated code in service/grpc/pb matches protos/ (and the staleness check is real)."""
+"""The generated code in service/lstm_serve/server/pb matches protos/ (and the staleness check is real)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.grpc import gen_pb
-from service.grpc.pb import lstm_serve_pb2 as pb
+from lstm_serve.server import gen_pb
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
 
 PROTO = "lstm_serve/v1/lstm_serve.proto"
 
@@ -21,7 +21,7 @@ def test_generated_code_is_not_stale() -> None:
 
 def test_check_command_passes(project_root: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "service.grpc.gen_pb", "--check"],
+        [sys.executable, "-m", "lstm_serve.server.gen_pb", "--check"],
         cwd=project_root, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

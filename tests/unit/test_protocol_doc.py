@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.grpc.pb import lstm_serve_pb2 as pb
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 

@@ -1,4 +1,4 @@
-"""service.reference: the NumPy oracle, and parity of ONNX Runtime, PyTorch and the oracle.
+"""tests.oracle.reference: the NumPy oracle, and parity of ONNX Runtime, PyTorch and the oracle.
 
 Invariant 3 (parity, atol 1e-5) and the chunking half of invariant 1 (atol 1e-6) at the graph
 level, on fresh tiny models and on the shipped models.
@@ -17,15 +17,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.reference import (
-    GraphError,
-    LSTMLayerWeights,
-    ReferenceModel,
-    lstm_layer,
-    lstm_step,
-)
-from service.repository import Manifest, load_version
-from service.training.model import RealLSTM
+from lstm_serve.core.repository import Manifest, load_version
+from lstm_serve.training.model import RealLSTM
 from tests.helpers.models import (
     build_module,
     export_onnx,
@@ -35,6 +28,13 @@ from tests.helpers.models import (
     run_ort,
     run_torch,
     torch_from_reference,
+)
+from tests.oracle.reference import (
+    GraphError,
+    LSTMLayerWeights,
+    ReferenceModel,
+    lstm_layer,
+    lstm_step,
 )
 
 PARITY_ATOL = 1e-5
@@ -72,7 +72,7 @@ HAND_X, HAND_H, HAND_C = 0.7, -0.3, 0.5
 
 
 def hand_step(x: float, h: float, c: float) -> tuple[float, float]:
-    """The equations written out for one unit, with nothing shared with service.reference."""
+    """The equations written out for one unit, with nothing shared with tests.oracle.reference."""
     f = sig(0.4 * h - 0.6 * x + 0.1)
     i = sig(-0.2 * h + 0.9 * x - 0.3)
     c_tilde = math.tanh(0.8 * h + 0.5 * x + 0.05)
@@ -339,8 +339,8 @@ def test_parity_tiny(tiny: Tiny, batch: int, time: int) -> None:
 
 @pytest.mark.parametrize("kind", ["real", "token"])
 def test_reads_the_project_exporters_graph(tmp_path: Path, kind: str) -> None:
-    """The graph service/training/export.py writes (not only this file's helper) reads back."""
-    from service.training.export import export_module
+    """The graph service/lstm_serve/training/export.py writes (not only this file's helper) reads back."""
+    from lstm_serve.training.export import export_module
     from tests.helpers.models import normalisation_of, vocab_of
 
     args = {"input_dim": 2, "output_dim": 5, "hidden": 6, "layers": 2, "seed": 3}

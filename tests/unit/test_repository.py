@@ -1,4 +1,4 @@
-"""service.repository: discovery, manifest validation, graph checks and version lookup.
+"""lstm_serve.core.repository: discovery, manifest validation, graph checks and version lookup.
 
 Every broken version is reported as a LoadError naming the file and the field at fault, and never
 stops the other versions from loading.
@@ -11,11 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
-from service.errors import NotFound
-from service.repository import LoadError, load_repository, load_version, sha256_file
+from lstm_serve.core.errors import NotFound
+from lstm_serve.core.repository import LoadError, load_repository, load_version, sha256_file
 from tests.helpers.models import clone_version
 
 Edit = Callable[[dict[str, Any]], None]
@@ -359,7 +358,7 @@ def test_unknown_model_or_version_is_not_found(many_versions: Path) -> None:
     repo = load_repository(many_versions)
     with pytest.raises(NotFound, match="model 'nope' not found") as exc:
         repo.get("nope")
-    assert exc.value.code is grpc.StatusCode.NOT_FOUND
+    assert exc.value.code == "NOT_FOUND"
     with pytest.raises(NotFound, match="model 'nope' not found"):
         repo.get("nope", "1")
     with pytest.raises(NotFound, match="has no version '3'"):

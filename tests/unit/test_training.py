@@ -15,10 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from service.repository import load_repository  # noqa: E402
-from service.training import data as D  # noqa: E402
-from service.training import export as E  # noqa: E402
-from service.training import train as T  # noqa: E402
+from lstm_serve.core.repository import load_repository  # noqa: E402
+from lstm_serve.training import data as D  # noqa: E402
+from lstm_serve.training import export as E  # noqa: E402
+from lstm_serve.training import train as T  # noqa: E402
 
 REAL_RECIPE = """
 name = "sine"
@@ -128,7 +128,7 @@ def test_bptt_chunks_continue_where_the_previous_stopped(offset: int) -> None:
 
 
 def test_train_epoch_carries_detached_state_across_chunks() -> None:
-    from service.training.model import RealLSTM
+    from lstm_serve.training.model import RealLSTM
 
     torch.manual_seed(0)
     model = RealLSTM(1, 1, hidden_size=6, layers=2)

@@ -1,0 +1,248 @@
+"""Client-side commands: health, models, predict, stream, forecast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+import numpy as np
+
+from lstm_serve.client import Client, Connection, SessionStream, session_steps, step_request
+from lstm_serve.server.settings import DEFAULT_MODELS
+
+
+def _connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target", default="127.0.0.1:50051", help="server address (default %(default)s)"
+    )
+    p.add_argument("--ca", type=Path, help="PEM CA to verify the server (enables TLS)")
+    p.add_argument("--cert", type=Path, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--key", type=Path, help="PEM client key (mutual TLS)")
+    p.add_argument("--token", help="bearer token (or env LSTM_SERVE_TOKEN)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per call (default %(default)s)"
+    )
+
+
+def _client(args: argparse.Namespace) -> Client:
+    import os
+
+    conn = Connection(
+        args.target,
+        root_certificates=args.ca.read_bytes() if args.ca else None,
+        private_key=args.key.read_bytes() if args.key else None,
+        certificate_chain=args.cert.read_bytes() if args.cert else None,
+        token=args.token or os.environ.get("LSTM_SERVE_TOKEN") or None,
+    )
+    return Client(conn, timeout=args.timeout)
+
+
+def _session_arguments(p: argparse.ArgumentParser) -> None:
+    _connection_arguments(p)
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--version", default="", help="model version (default: the newest)")
+    p.add_argument("--session", required=True, help="session id")
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+def add_health_arguments(p: argparse.ArgumentParser) -> None:
+    _connection_arguments(p)
+    p.set_defaults(timeout=3.0)
+    p.add_argument("--service", default="", help="service or model name ('' = the server)")
+
+
+def run_health(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            status = client.health(args.service)
+    except grpc.RpcError as exc:
+        print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-repository", type=Path, default=DEFAULT_MODELS, help="repository directory"
+    )
+    p.add_argument("--json", action="store_true", help="print the manifests as JSON")
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from lstm_serve.core.repository import load_repository
+
+    repo = load_repository(args.model_repository)
+    if args.json:
+        print(json.dumps([mv.manifest.model_dump(mode="json") for mv in repo.all()], indent=2))
+    else:
+        print(
+            f"{'MODEL':<14}{'VERSION':<9}{'KIND':<7}{'IN':>5}{'OUT':>6}{'LAYERS':>8}{'HIDDEN':>8}  PATH"
+        )
+        for mv in repo.all():
+            m = mv.manifest
+            print(
+                f"{m.name:<14}{m.version:<9}{m.kind.value:<7}{m.input_dim:>5}{m.output_dim:>6}"
+                f"{m.layers:>8}{m.hidden_size:>8}  {mv.directory}"
+            )
+    for err in repo.errors:
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if repo.errors or not repo.models else 0
+
+
+# -- predict / stream --------------------------------------------------------------------------
+
+
+def _input_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input", default="-",
+        help="CSV file of steps, one row per step (real models), or text (token models); - is stdin",
+    )  # fmt: skip
+    p.add_argument(
+        "--top-k", type=int, default=3, help="token models: most likely next tokens shown"
+    )
+
+
+def _open_input(path: str) -> TextIO:
+    return sys.stdin if path == "-" else open(path)
+
+
+def _csv_rows(f: TextIO) -> Iterator[list[float]]:
+    for line in f:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield [float(v) for v in line.split(",")]
+        except ValueError:
+            continue  # a header or comment line
+
+
+def _vocab(client: Client, model: str, version: str) -> dict[str, int] | None:
+    info = client.get_model(model, version)
+    vocab = json.loads(info.manifest_json).get("vocab")
+    return {t: i for i, t in enumerate(vocab)} if vocab else None
+
+
+def _token_ids(text: str, vocab: dict[str, int]) -> list[int]:
+    return [vocab.get(ch, 0) for ch in text]
+
+
+def _print_outputs(
+    seq: int, y: np.ndarray, top: list[list[tuple[int, float]]], names: list[str] | None
+) -> None:
+    if top:
+        for i, entries in enumerate(top):
+            shown = " ".join(f"{(names[t] if names else str(t))!r}:{p:.3f}" for t, p in entries)
+            print(f"{seq + i},{shown}")
+    else:
+        for i, row in enumerate(y):
+            print(f"{seq + i}," + ",".join(f"{v:.6g}" for v in row))
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    _session_arguments(p)
+    _input_arguments(p)
+    p.add_argument("--seq", type=int, default=None, help="index of the first step (exactly-once)")
+    p.add_argument("--reset", action="store_true", help="start the session from a zero state")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    with _client(args) as client, _open_input(args.input) as f:
+        vocab = _vocab(client, args.model, args.version)
+        if vocab is not None:
+            steps = session_steps(
+                args.session, tokens=_token_ids(f.read(), vocab), seq=args.seq, reset=args.reset
+            )
+        else:
+            steps = session_steps(args.session, list(_csv_rows(f)), seq=args.seq, reset=args.reset)
+        try:
+            [out] = client.step(
+                step_request(args.model, [steps], args.version, top_k=args.top_k if vocab else 0)
+            )
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        _print_outputs(out.seq, out.y, out.top_k, list(vocab) if vocab else None)
+    return 0
+
+
+def add_stream_arguments(p: argparse.ArgumentParser) -> None:
+    _session_arguments(p)
+    _input_arguments(p)
+    p.add_argument("--chunk", type=int, default=1, help="steps per message (default %(default)s)")
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    with _client(args) as client, _open_input(args.input) as f:
+        vocab = _vocab(client, args.model, args.version)
+        names = list(vocab) if vocab else None
+        stream = SessionStream(client, args.model, args.session, args.version)
+        k = args.top_k if vocab else 0
+        try:
+            with stream:
+                if vocab is not None:
+                    ids = _token_ids(f.read(), vocab)
+                    for i in range(0, len(ids), args.chunk):
+                        out = stream.send(tokens=ids[i : i + args.chunk], top_k=k)
+                        _print_outputs(out.seq, out.y, out.top_k, names)
+                else:
+                    chunk: list[list[float]] = []
+                    for row in _csv_rows(f):
+                        chunk.append(row)
+                        if len(chunk) == args.chunk:
+                            out = stream.send(chunk)
+                            _print_outputs(out.seq, out.y, out.top_k, names)
+                            chunk = []
+                    if chunk:
+                        out = stream.send(chunk)
+                        _print_outputs(out.seq, out.y, out.top_k, names)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+# -- forecast ----------------------------------------------------------------------------------
+
+
+def add_forecast_arguments(p: argparse.ArgumentParser) -> None:
+    _session_arguments(p)
+    p.add_argument("--horizon", type=int, required=True, help="steps to roll forward")
+    p.add_argument("--temperature", type=float, default=0.0, help="token models: 0 = greedy")
+    p.add_argument(
+        "--sample-top-k", type=int, default=0, help="token models: sample among the k best"
+    )
+    p.add_argument("--seed", type=int, default=0, help="token models: sampling seed")
+    p.add_argument("--commit", action="store_true", help="apply the forecast to the session")
+
+
+def run_forecast(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        vocab = _vocab(client, args.model, args.version)
+        try:
+            out = client.forecast(
+                args.model, args.session, args.horizon, version=args.version,
+                temperature=args.temperature, top_k=args.sample_top_k, seed=args.seed,
+                commit=args.commit,
+            )  # fmt: skip
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        if vocab is not None:
+            names = list(vocab)
+            print("".join(names[t] if len(names[t]) == 1 else "\ufffd" for t in out.tokens))
+        else:
+            for row in out.y:
+                print(",".join(f"{v:.6g}" for v in row))
+    return 0

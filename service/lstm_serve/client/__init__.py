@@ -1,0 +1,504 @@
+"""Typed Python client for lstm-serve: sync (Client) and asyncio (AsyncClient), and resumable
+session streams that number their steps and survive disconnects without losing or repeating one.
+
+    from lstm_serve.client import Client
+    with Client("localhost:50051") as client:
+        out = client.predict("forecaster", "sensor-7", [[20.1], [20.4]])
+        print(out.y)          # one prediction per step
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
+from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
+
+F32 = np.dtype("<f4")
+# Statuses after which a session stream reconnects and resends what was not answered.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+             grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED}  # fmt: skip
+ArrayLike = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
+
+
+@dataclass(frozen=True)
+class StepResult:
+    session_id: str
+    seq: int
+    next_seq: int
+    y: np.ndarray  # [steps, output_dim]; empty when top_k was asked for
+    top_k: list[list[tuple[int, float]]]  # token models with top_k > 0: (token, prob) per step
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class ForecastOutput:
+    y: np.ndarray  # real models: [horizon, output_dim]
+    tokens: list[int]  # token models
+    next_seq: int
+
+
+@dataclass(frozen=True)
+class SessionState:
+    session_id: str
+    exists: bool
+    next_seq: int
+    idle_seconds: float
+
+
+def session_steps(
+    session_id: str,
+    x: ArrayLike | None = None,
+    tokens: Sequence[int] | None = None,
+    seq: int | None = None,
+    reset: bool = False,
+) -> pb.SessionSteps:
+    """One session's steps: x (steps x features, raw units) for real models, tokens for token models."""
+    msg = pb.SessionSteps(session_id=session_id, reset=reset)
+    if seq is not None:
+        msg.seq = seq
+    if x is not None:
+        msg.x = np.asarray(x, F32).tobytes()
+    if tokens is not None:
+        msg.tokens.extend(int(t) for t in tokens)
+    return msg
+
+
+def step_request(
+    model: str, sessions: Sequence[pb.SessionSteps], version: str = "", request_id: str = "",
+    top_k: int = 0,
+) -> pb.StepRequest:  # fmt: skip
+    return pb.StepRequest(
+        model=pb.ModelRef(name=model, version=version), sessions=list(sessions),
+        request_id=request_id, top_k=top_k,
+    )  # fmt: skip
+
+
+def step_results(resp: pb.StepResponse, output_dim: int | None = None) -> list[StepResult]:
+    out = []
+    for s in resp.sessions:
+        y = np.frombuffer(s.y, F32)
+        y = y.reshape(s.steps, -1) if s.steps and y.size else y.reshape(s.steps, 0)
+        top = [list(zip(t.tokens, t.probs, strict=True)) for t in s.top_k]
+        out.append(StepResult(s.session_id, s.seq, s.next_seq, y, top, s.replayed))
+    return out
+
+
+def _credentials(
+    root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None
+) -> grpc.ChannelCredentials | None:
+    if root_certificates is None and certificate_chain is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+@dataclass
+class Connection:
+    """How to reach a server: target, optional TLS material and bearer token."""
+
+    target: str
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    token: str | None = None
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    @property
+    def options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        return _credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+
+class Client:
+    """Blocking client. Every call takes an optional timeout (seconds)."""
+
+    def __init__(self, target: str | Connection, timeout: float | None = 30.0) -> None:
+        self.conn = target if isinstance(target, Connection) else Connection(target)
+        self.timeout = timeout
+        self._open()
+
+    def _open(self) -> None:
+        creds = self.conn.credentials()
+        self.channel = (
+            grpc.secure_channel(self.conn.target, creds, self.conn.options)
+            if creds
+            else grpc.insecure_channel(self.conn.target, self.conn.options)
+        )
+        self.stub = pb_grpc.LstmServeStub(self.channel)
+
+    def reconnect(self) -> None:
+        self.channel.close()
+        self._open()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _kw(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self.conn.metadata}
+
+    def step(self, request: pb.StepRequest, timeout: float | None = None) -> list[StepResult]:
+        """Send one request (one session or a gateway frame of many)."""
+        return step_results(self.stub.Predict(request, **self._kw(timeout)))
+
+    def predict(
+        self, model: str, session_id: str, x: ArrayLike | None = None, *,
+        tokens: Sequence[int] | None = None, seq: int | None = None, reset: bool = False,
+        version: str = "", top_k: int = 0, timeout: float | None = None,
+    ) -> StepResult:  # fmt: skip
+        req = step_request(
+            model, [session_steps(session_id, x, tokens, seq, reset)], version, top_k=top_k
+        )
+        return self.step(req, timeout)[0]
+
+    def forecast(
+        self, model: str, session_id: str, horizon: int, *, version: str = "",
+        temperature: float = 0.0, top_k: int = 0, seed: int = 0, commit: bool = False,
+        prefix: pb.SessionSteps | None = None, timeout: float | None = None,
+    ) -> ForecastOutput:  # fmt: skip
+        req = pb.ForecastRequest(
+            model=pb.ModelRef(name=model, version=version), session_id=session_id,
+            horizon=horizon, temperature=temperature, top_k=top_k, seed=seed, commit=commit,
+        )  # fmt: skip
+        if prefix is not None:
+            req.prefix.CopyFrom(prefix)
+        r = self.stub.Forecast(req, **self._kw(timeout))
+        y = np.frombuffer(r.y, F32).reshape(r.steps, -1) if r.y else np.empty((r.steps, 0), F32)
+        return ForecastOutput(y, list(r.tokens), r.next_seq)
+
+    def _ref(self, model: str, session_id: str, version: str) -> pb.SessionRef:
+        return pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
+
+    @staticmethod
+    def _state(info: pb.SessionInfo) -> SessionState:
+        return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
+
+    def get_session(self, model: str, session_id: str, version: str = "") -> SessionState:
+        return self._state(
+            self.stub.GetSession(self._ref(model, session_id, version), **self._kw(None))
+        )
+
+    def reset_session(self, model: str, session_id: str, version: str = "") -> SessionState:
+        return self._state(
+            self.stub.ResetSession(self._ref(model, session_id, version), **self._kw(None))
+        )
+
+    def end_session(self, model: str, session_id: str, version: str = "") -> SessionState:
+        return self._state(
+            self.stub.EndSession(self._ref(model, session_id, version), **self._kw(None))
+        )
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), **self._kw(None)).models)
+
+    def get_model(self, model: str, version: str = "") -> pb.ModelInfo:
+        info: pb.ModelInfo = self.stub.GetModel(
+            pb.ModelRef(name=model, version=version), **self._kw(None)
+        )
+        return info
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+    def session(self, model: str, session_id: str, version: str = "", **kw: Any) -> SessionStream:
+        return SessionStream(self, model, session_id, version, **kw)
+
+
+class SessionStream:
+    """One session over a bidirectional stream, steps numbered by the stream itself.
+
+    After a disconnect it reconnects and resends every unanswered request with its seq: the
+    server answers the ones it had applied from its replay cache and applies the rest, so no
+    step is lost or applied twice.
+    """
+
+    def __init__(
+        self, client: Client, model: str, session_id: str, version: str = "",
+        start_seq: int | None = None, max_retries: int = 8, backoff_s: float = 0.05,
+    ) -> None:  # fmt: skip
+        self.client = client
+        self.model, self.version, self.session_id = model, version, session_id
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.next_seq = (
+            start_seq if start_seq is not None
+            else client.get_session(model, session_id, version).next_seq
+        )  # fmt: skip
+        self.reconnects = 0
+        self._requests: queue.SimpleQueue[pb.StepRequest | None] | None = None
+        self._responses: Iterator[pb.StepResponse] | None = None
+
+    def _open(self) -> None:
+        q: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
+        self._requests = q
+        self._responses = self.client.stub.Stream(
+            iter(q.get, None), metadata=self.client.conn.metadata
+        )
+
+    def close(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)
+            self._requests = None
+            self._responses = None
+
+    def __enter__(self) -> SessionStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(
+        self, x: ArrayLike | None = None, tokens: Sequence[int] | None = None, top_k: int = 0
+    ) -> StepResult:
+        """Send the next steps; returns their outputs (retrying through disconnects)."""
+        steps = session_steps(self.session_id, x, tokens, seq=self.next_seq)
+        req = step_request(self.model, [steps], self.version, top_k=top_k)
+        for attempt in range(self.max_retries + 1):
+            try:
+                if self._responses is None:
+                    self._open()
+                assert self._requests is not None and self._responses is not None
+                self._requests.put(req)
+                result = step_results(next(self._responses))[0]
+                self.next_seq = result.next_seq
+                return result
+            except (grpc.RpcError, StopIteration) as exc:
+                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                self.close()
+                if code not in RETRYABLE or attempt == self.max_retries:
+                    raise
+                self.reconnects += 1
+                threading.Event().wait(self.backoff_s * (2**attempt))
+                self.client.reconnect()
+        raise AssertionError("unreachable")
+
+
+class AsyncClient:
+    """asyncio client, same calls as Client."""
+
+    def __init__(self, target: str | Connection, timeout: float | None = 30.0) -> None:
+        self.conn = target if isinstance(target, Connection) else Connection(target)
+        self.timeout = timeout
+        self._open()
+
+    def _open(self) -> None:
+        creds = self.conn.credentials()
+        self.channel = (
+            grpc.aio.secure_channel(self.conn.target, creds, self.conn.options)
+            if creds
+            else grpc.aio.insecure_channel(self.conn.target, self.conn.options)
+        )
+        self.stub = pb_grpc.LstmServeStub(self.channel)
+
+    async def reconnect(self) -> None:
+        await self.channel.close(None)
+        self._open()
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _kw(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self.conn.metadata}
+
+    async def step(self, request: pb.StepRequest, timeout: float | None = None) -> list[StepResult]:
+        return step_results(await self.stub.Predict(request, **self._kw(timeout)))
+
+    async def predict(
+        self, model: str, session_id: str, x: ArrayLike | None = None, *,
+        tokens: Sequence[int] | None = None, seq: int | None = None, reset: bool = False,
+        version: str = "", top_k: int = 0, timeout: float | None = None,
+    ) -> StepResult:  # fmt: skip
+        req = step_request(
+            model, [session_steps(session_id, x, tokens, seq, reset)], version, top_k=top_k
+        )
+        return (await self.step(req, timeout))[0]
+
+    async def get_session(self, model: str, session_id: str, version: str = "") -> SessionState:
+        ref = pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
+        info = await self.stub.GetSession(ref, **self._kw(None))
+        return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
+
+    async def end_session(self, model: str, session_id: str, version: str = "") -> SessionState:
+        ref = pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
+        info = await self.stub.EndSession(ref, **self._kw(None))
+        return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
+
+    def session(
+        self, model: str, session_id: str, version: str = "", **kw: Any
+    ) -> AsyncSessionStream:
+        return AsyncSessionStream(self, model, session_id, version, **kw)
+
+
+class AsyncSessionStream:
+    """asyncio SessionStream; send() may be called concurrently: requests are pipelined in order.
+
+    Every unanswered request is kept. When the call breaks (a dropped connection, a closed
+    channel, a draining server) a new call is opened and they are resent in seq order, under
+    the same lock that orders sends, so nothing overtakes them.
+    """
+
+    def __init__(
+        self, client: AsyncClient, model: str, session_id: str, version: str = "",
+        start_seq: int | None = None, max_retries: int = 8, backoff_s: float = 0.05,
+    ) -> None:  # fmt: skip
+        self.client = client
+        self.model, self.version, self.session_id = model, version, session_id
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.next_seq = start_seq
+        self.reconnects = 0
+        self._call: Any = None
+        self._call_channel: Any = None
+        self._closing = False
+        self._lock = asyncio.Lock()
+        # Sent but unanswered: (request, future for its result), oldest first.
+        self._unacked: deque[tuple[pb.StepRequest, asyncio.Future[StepResult]]] = deque()
+        self._readers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> AsyncSessionStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Wait for the answers still due, then end the call."""
+        if self._unacked:
+            await asyncio.gather(*(f for _, f in list(self._unacked)), return_exceptions=True)
+        self._closing = True
+        async with self._lock:
+            call, self._call = self._call, None
+        if call is not None:
+            with contextlib.suppress(Exception):
+                await call.done_writing()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+    async def _open_locked(self) -> None:
+        """A new call, with every unanswered request resent in order. The caller holds _lock."""
+        channel = getattr(self.client, "channel", None)
+        if channel is not None and channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN:
+            await self.client.reconnect()  # our channel was closed under us
+        call = self.client.stub.Stream(metadata=self.client.conn.metadata)
+        self._call, self._call_channel = call, getattr(self.client, "channel", None)
+        reader = asyncio.create_task(self._read(call))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        for req, _ in list(self._unacked):
+            await call.write(req)
+
+    async def _read(self, call: Any) -> None:
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+        error: BaseException | None = None
+        try:
+            async for resp in call.__aiter__():
+                if call is not self._call or not self._unacked:
+                    return  # a newer call took over
+                _, fut = self._unacked.popleft()
+                if not fut.done():
+                    fut.set_result(step_results(resp)[0])
+            if not self._unacked or self._closing:
+                return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled, not the call
+            code = grpc.StatusCode.CANCELLED  # the channel was closed under the call
+        except grpc.RpcError as exc:
+            code, error = exc.code(), exc
+        except Exception as exc:  # e.g. a write on a closed channel
+            error = exc
+        await self._recover(call, code, error)
+
+    async def _recover(self, call: Any, code: grpc.StatusCode, error: BaseException | None) -> None:
+        async with self._lock:
+            if call is not self._call:
+                return  # already recovered
+            self._call = None
+            if code in RETRYABLE and not self._closing:
+                for attempt in range(self.max_retries):
+                    self.reconnects += 1
+                    await asyncio.sleep(self.backoff_s * (2**attempt))
+                    try:
+                        await self._open_locked()
+                        return
+                    except Exception as exc:
+                        self._call, error = None, exc
+            failure = error if error is not None else ConnectionError("stream ended")
+            while self._unacked:
+                _, fut = self._unacked.popleft()
+                if not fut.done():
+                    fut.set_exception(failure)
+
+    async def send(
+        self, x: ArrayLike | None = None, tokens: Sequence[int] | None = None, top_k: int = 0
+    ) -> StepResult:
+        async with self._lock:  # numbering and writing happen in call order
+            if self.next_seq is None:
+                state = await self.client.get_session(self.model, self.session_id, self.version)
+                self.next_seq = state.next_seq
+            steps = session_steps(self.session_id, x, tokens, seq=self.next_seq)
+            req = step_request(self.model, [steps], self.version, top_k=top_k)
+            fut: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+            self._unacked.append((req, fut))
+            self.next_seq += _steps(x, tokens)
+            call = self._call
+            try:
+                if call is None:
+                    await self._open_locked()
+                else:
+                    await call.write(req)
+            except Exception:
+                # A broken call's reader recovers (resending this request too). When no call
+                # could even be made there is no reader: recover from here.
+                if self._call is None:
+                    task = asyncio.ensure_future(
+                        self._recover(None, grpc.StatusCode.UNAVAILABLE, None)
+                    )
+                    self._readers.add(task)
+                    task.add_done_callback(self._readers.discard)
+        return await fut
+
+    async def stream(self, xs: AsyncIterator[ArrayLike]) -> AsyncIterator[StepResult]:
+        async for x in xs:
+            yield await self.send(x)
+
+
+def _steps(x: ArrayLike | None, tokens: Sequence[int] | None) -> int:
+    """Steps in one send: x is [steps, features] (a 1-D x is one step), tokens one per step."""
+    if tokens is not None:
+        return len(tokens)
+    a = np.asarray(x, F32)
+    return 1 if a.ndim < 2 else int(a.shape[0])

@@ -1,0 +1,57 @@
+"""Service errors. Each carries the name of the gRPC status it maps to (core/ imports no gRPC);
+one interceptor turns them into statuses."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An error whose message is safe to show to clients."""
+
+    code: str = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ServiceError):
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(ServiceError):
+    code = "FAILED_PRECONDITION"
+
+
+class SeqGap(FailedPrecondition):
+    """A request's seq is not the session's next seq (and is not a retry we can answer)."""
+
+    def __init__(self, session_id: str, expected: int, got: int) -> None:
+        super().__init__(
+            f"session {session_id!r}: seq {got} does not follow; expected seq {expected}"
+        )
+        self.expected = expected
+        self.got = got
+
+
+class ResourceExhausted(ServiceError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ServiceError):
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(ServiceError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(ServiceError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    code = "PERMISSION_DENIED"

@@ -1,0 +1,126 @@
+"""An ONNX Runtime session for one model version: device choice, warm-up, run."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cache
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from lstm_serve.core.repository import Kind, ModelVersion
+
+logger = logging.getLogger(__name__)
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def _cuda_device_count() -> int:
+    """GPUs the CUDA driver sees, asked of libcuda directly so that no ORT error lines appear."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    return 0
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str  # "cuda" or "cpu"
+    providers: tuple[str, ...]
+    reason: str
+
+
+@cache
+def choose_device(wanted: Device) -> DeviceChoice:
+    """Decide once per process where models run, and log it once."""
+    available = ort.get_available_providers()
+    if wanted is Device.cpu:
+        choice = DeviceChoice("cpu", (CPU,), "device=cpu was asked for")
+    elif CUDA not in available:
+        choice = DeviceChoice("cpu", (CPU,), "this ONNX Runtime build has no CUDA provider")
+    elif _cuda_device_count() == 0:
+        choice = DeviceChoice("cpu", (CPU,), "no CUDA driver or GPU is visible")
+    else:
+        choice = DeviceChoice("cuda", (CUDA, CPU), "a GPU is visible")
+    if wanted is Device.cuda and choice.device != "cuda":
+        raise RuntimeError(f"device=cuda was asked for, but {choice.reason}")
+    logger.info("inference device: %s (%s)", choice.device, choice.reason)
+    return choice
+
+
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
+    """ONNX Runtime options for serving (the benchmarks' ceilings use the same)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # The inference thread shares the machine with the event loop: spinning threads would
+    # take the cores the gRPC server needs between batches.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.inter_op_num_threads = 1
+    if intra_op_threads > 0:
+        opts.intra_op_num_threads = intra_op_threads
+    return opts
+
+
+class ModelRuntime:
+    """Runs one model version: run(x, h0, c0) -> (y, hn, cn) with the DESIGN.md graph contract."""
+
+    def __init__(self, mv: ModelVersion, choice: DeviceChoice, intra_op_threads: int = 1) -> None:
+        self.mv = mv
+        m = mv.manifest
+        self.names = m.tensors
+        self.session = ort.InferenceSession(
+            str(mv.onnx_path), session_options(intra_op_threads), providers=list(choice.providers)
+        )
+        active = self.session.get_providers()
+        self.device = "cuda" if active and active[0] == CUDA else "cpu"
+        if choice.device == "cuda" and self.device != "cuda":
+            logger.warning("%s: CUDA provider did not load; running on the CPU", m.name)
+        self.x_dtype = np.int64 if m.kind is Kind.token else np.float32
+        self._out_names = [self.names.y, self.names.hn, self.names.cn]
+
+    def run(
+        self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        feeds: dict[str, Any] = {self.names.x: x, self.names.h0: h0, self.names.c0: c0}
+        if self.device == "cuda":
+            # IOBinding: one host-to-device copy per input, outputs copied back once.
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            for name in self._out_names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            y, hn, cn = binding.copy_outputs_to_cpu()
+        else:
+            y, hn, cn = self.session.run(self._out_names, feeds)
+        return y, hn, cn
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        """Run once per batch size so the first requests don't pay for lazy initialisation."""
+        m = self.mv.manifest
+        for b in batch_sizes:
+            x = (
+                np.zeros((b, 1), np.int64)
+                if m.kind is Kind.token
+                else np.zeros((b, 1, m.input_dim), np.float32)
+            )
+            h = np.zeros((m.layers, b, m.hidden_size), np.float32)
+            self.run(x, h, h)

@@ -1,0 +1,115 @@
+"""Settings: the one source of configuration (environment variables LSTM_SERVE_*, or serve flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lstm_serve.core.runtime import Device
+from lstm_serve.core.state import CapPolicy
+
+DEFAULT_MODELS = Path(__file__).resolve().parents[3] / "models"
+
+
+class Settings(BaseSettings):
+    """lstm-serve settings. Every field is an environment variable LSTM_SERVE_<NAME> and a flag."""
+
+    model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address of the Prometheus metrics HTTP server."
+    )
+    metrics_port: int = Field(
+        9400,
+        ge=-1,
+        le=65535,
+        description="Prometheus metrics HTTP port (0 picks a free one, -1 disables).",
+    )
+    model_repository: Path = Field(
+        DEFAULT_MODELS, description="Directory of models/<name>/<version>/."
+    )
+    device: Device = Field(
+        Device.auto, description="auto (CUDA when usable, else CPU), cpu or cuda."
+    )
+    intra_op_threads: int = Field(
+        1,
+        ge=0,
+        description="ONNX Runtime intra-op threads per model (0: one per core). One leaves the other cores to gRPC.",
+    )
+    max_batch_size: int = Field(256, ge=1, description="Most sessions run in one inference call.")
+    max_queue_delay_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="Extra wait for a batch to fill once work is queued (0: run what is queued at once).",
+    )
+    max_queue: int = Field(
+        4096,
+        ge=1,
+        description="Most session-steps waiting per model; more are refused (RESOURCE_EXHAUSTED).",
+    )
+    max_steps_per_request: int = Field(
+        4096, ge=1, description="Most steps one session may send in one request."
+    )
+    max_sessions_per_request: int = Field(
+        1024, ge=1, description="Most sessions in one request (gateway frame)."
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes."
+    )
+    max_inflight_per_stream: int = Field(
+        32, ge=1, description="Requests of one stream being worked on at once (pipelining window)."
+    )
+    max_sessions: int = Field(
+        100_000, ge=1, description="Most live sessions per model version (the state arena's size)."
+    )
+    cap_policy: CapPolicy = Field(
+        CapPolicy.refuse,
+        description="At the session cap: refuse new sessions (RESOURCE_EXHAUSTED) or evict the least recently used.",
+    )
+    session_ttl_s: float = Field(
+        3600.0, gt=0, description="Idle sessions are expired after this many seconds."
+    )
+    reap_interval_s: float = Field(5.0, gt=0, description="How often idle sessions are looked for.")
+    replay_cache_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Memory for recent responses, so retried requests are answered again, not reapplied.",
+    )
+    max_forecast_horizon: int = Field(4096, ge=1, description="Longest Forecast horizon.")
+    snapshot_dir: Path | None = Field(
+        None, description="Where sessions are snapshotted and restored from (unset: no snapshots)."
+    )
+    snapshot_interval_s: float = Field(
+        30.0, ge=0, description="Seconds between periodic snapshots (0: only at graceful stop)."
+    )
+    grace_period_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish."
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM server certificate (enables TLS with tls_key)."
+    )
+    tls_key: Path | None = Field(None, description="PEM server private key.")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS).",
+    )
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="File of 'client-name token' lines; when set, requests need a bearer token.",
+    )
+    auth_tokens: str = Field(
+        "", description="Comma-separated 'client-name:token' pairs, added to auth_tokens_file's."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return self
