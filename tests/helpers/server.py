@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,29 @@ def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
         fn()
     code: grpc.StatusCode = info.value.code()
     return code
+
+
+@contextlib.contextmanager
+def inference_blocked(
+    srv: ServerThread, model: tuple[str, str] = ("tiny", "1")
+) -> Iterator[threading.Event]:
+    """Hold every inference call of a model until the block ends (or the event is set): its
+    steps stay in flight. Batches go to the executor meanwhile, so the event loop runs on."""
+    assert srv.engine is not None
+    sched = srv.engine.models[model].scheduler
+    real, limits = sched.runtime, sched.limits
+    gate = threading.Event()
+
+    class Gated:
+        def run(self, *a: Any) -> Any:
+            gate.wait(30)
+            return real.run(*a)
+
+    sched.limits = dataclasses.replace(limits, inline_max_steps=0)
+    sched.runtime = Gated()
+    try:
+        yield gate
+    finally:
+        gate.set()
+        sched.runtime = real
+        sched.limits = limits

@@ -26,6 +26,7 @@ import pytest
 from lstm_serve.client import AsyncClient, Client, session_steps, step_request
 from tests.helpers.proxy import ServeProcess
 from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import inference_blocked as gated
 
 ATOL = 1e-5
 C = grpc.StatusCode
@@ -41,32 +42,12 @@ def _code(fn: Any) -> grpc.StatusCode:
 
 def _state(srv: ServerThread, sid: str) -> tuple[int, bytes] | None:
     lm = srv.engine.model("tiny")
-    slot = lm.table.get(sid)
+    slot = lm.store.slot(sid)
     if slot is None:
         return None
-    return int(lm.arena.next_seq[slot]), lm.arena.h[slot].tobytes() + lm.arena.c[slot].tobytes()
-
-
-@contextlib.contextmanager
-def gated(srv: ServerThread) -> Iterator[threading.Event]:
-    """Hold the inference thread inside runtime.run until the event is set."""
-    lm = srv.engine.model("tiny")
-    real = lm.batcher.runtime
-    gate = threading.Event()
-
-    class Gated:
-        mv = real.mv
-
-        def run(self, *a: Any) -> Any:
-            gate.wait(30)
-            return real.run(*a)
-
-    lm.batcher.runtime = Gated()
-    try:
-        yield gate
-    finally:
-        gate.set()
-        lm.batcher.runtime = real
+    return int(lm.store.next_seq[slot]), lm.store.h[:, slot].tobytes() + lm.store.c[
+        :, slot
+    ].tobytes()
 
 
 def _wait_for(cond: Any, timeout: float = 5.0) -> None:
@@ -79,24 +60,29 @@ def _wait_for(cond: Any, timeout: float = 5.0) -> None:
 # -- limits ------------------------------------------------------------------------------------
 
 
+LIMITS: dict[str, Any] = {
+    "metrics_port": -1,
+    "max_message_bytes": 64 * 1024,
+    "max_steps_per_request": 1000,
+    "max_sessions_per_request": 4,
+    "max_sessions": 64,
+    "max_queue": 4,
+    "max_batch_size": 8,
+    "max_inflight_per_stream": 2,
+}
+
+
 @pytest.fixture(scope="module")
 def limited(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(
-        model_repository=tiny_repo,
-        metrics_port=-1,
-        max_message_bytes=64 * 1024,
-        max_steps_per_request=1000,
-        max_sessions_per_request=4,
-        max_sessions=64,
-        max_queue=4,
-        max_batch_size=8,
-        max_inflight_per_stream=2,
-    ) as srv:
+    with ServerThread(model_repository=tiny_repo, **LIMITS) as srv:
         yield srv
 
 
-def test_message_size_limit(limited: ServerThread) -> None:
-    with Client(limited.target) as c:
+def test_message_size_limit(tiny_repo: Path) -> None:
+    with (
+        ServerThread(model_repository=tiny_repo, **(LIMITS | {"max_queue": 4000})) as limited,
+        Client(limited.target) as c,
+    ):
         c.predict("tiny", "big", np.ones((2, 3)), seq=0)
         before = _state(limited, "big")
         too_big = step_request("tiny", [session_steps("big", np.ones((6000, 3)), seq=2)])  # 72 kB
@@ -223,7 +209,7 @@ def test_stream_in_flight_window(limited: ServerThread) -> None:
         reqs = [step_request("tiny", [session_steps(f"w{i}", np.ones((1, 3)))]) for i in range(8)]
         responses = c.stub.Stream(iter(reqs), timeout=20)
         time.sleep(0.5)
-        in_flight = engine._inflight
+        in_flight = engine.model("tiny").scheduler.in_flight()
         gate.set()
         assert len(list(responses)) == 8
     for i in range(8):

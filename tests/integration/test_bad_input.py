@@ -37,10 +37,10 @@ def client(server: ServerThread) -> Iterator[Client]:
 def _state(server: ServerThread) -> dict[str, tuple[int, bytes]]:
     out = {}
     for lm in server.engine.models.values():
-        for key, slot in lm.table.slots.items():
+        for key, slot in lm.store.slots.items():
             out[f"{lm.label}/{key}"] = (
-                int(lm.arena.next_seq[slot]),
-                lm.arena.h[slot].tobytes() + lm.arena.c[slot].tobytes(),
+                int(lm.store.next_seq[slot]),
+                lm.store.h[:, slot].tobytes() + lm.store.c[:, slot].tobytes(),
             )
     return out
 

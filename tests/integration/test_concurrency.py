@@ -146,9 +146,10 @@ def test_no_output_ever_mixes_sessions(server: ServerThread, tiny_repo: Path) ->
     lm = server.engine.model("tiny")
 
     async def grab() -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
-        a = lm.arena
+        a = lm.store
         return {
-            k: (int(a.next_seq[s]), a.h[s].copy(), a.c[s].copy()) for k, s in lm.table.slots.items()
+            k: (int(a.next_seq[s]), a.h[:, s].copy(), a.c[:, s].copy())
+            for k, s in lm.store.slots.items()
         }
 
     final = server.call(grab())
@@ -192,9 +193,9 @@ def test_end_racing_steps_never_lands_in_another_session(server: ServerThread) -
                     f.result(10)
                 except grpc.RpcError as err:
                     assert err.code() in (C.NOT_FOUND, C.RESOURCE_EXHAUSTED), err.details()
-            sb = lm.table.get(b)
+            sb = lm.store.slot(b)
             if sb is not None:
-                assert int(lm.arena.next_seq[sb]) == 1  # b got exactly its own one step
-            sa = lm.table.get(a)
+                assert int(lm.store.next_seq[sb]) == 1  # b got exactly its own one step
+            sa = lm.store.slot(a)
             if sa is not None:
-                assert sa != sb and int(lm.arena.next_seq[sa]) in (1, 3)
+                assert sa != sb and int(lm.store.next_seq[sa]) in (1, 3)

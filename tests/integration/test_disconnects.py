@@ -27,7 +27,7 @@ from lstm_serve.client import AsyncClient, Client, session_steps, step_request
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
 from tests.helpers.proxy import TcpProxy, free_port
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import OnePass, ServerThread, inference_blocked
 
 ATOL = 1e-5
 LENGTH = 24  # steps per session
@@ -72,11 +72,11 @@ def _check(server: ServerThread, oracle: OnePass, sessions: list[Session]) -> in
     for s in sessions:
         y, hn, cn = oracle.run(s.x)
         np.testing.assert_allclose(np.concatenate(s.outputs), y, atol=ATOL, err_msg=s.sid)
-        slot = lm.table.get(s.sid)
+        slot = lm.store.slot(s.sid)
         assert slot is not None, s.sid
-        assert int(lm.arena.next_seq[slot]) == LENGTH, s.sid
-        np.testing.assert_allclose(lm.arena.h[slot], hn, atol=ATOL, err_msg=s.sid)
-        np.testing.assert_allclose(lm.arena.c[slot], cn, atol=ATOL, err_msg=s.sid)
+        assert int(lm.store.next_seq[slot]) == LENGTH, s.sid
+        np.testing.assert_allclose(lm.store.h[:, slot], hn, atol=ATOL, err_msg=s.sid)
+        np.testing.assert_allclose(lm.store.c[:, slot], cn, atol=ATOL, err_msg=s.sid)
     return len(sessions)
 
 
@@ -355,17 +355,6 @@ def test_async_session_stream_resends_in_seq_order() -> None:
 
 
 def test_async_session_stream_survives_reconnect_of_its_client(server: ServerThread) -> None:
-    lm = server.engine.model("tiny")
-    real = lm.batcher.runtime
-    gate = threading.Event()
-
-    class Gated:
-        mv = real.mv
-
-        def run(self, *a: Any) -> Any:
-            gate.wait(10)
-            return real.run(*a)
-
     async def main() -> int:
         async with AsyncClient(server.target, timeout=10) as client:
             stream = client.session("tiny", "reconnected", start_seq=0)
@@ -376,9 +365,5 @@ def test_async_session_stream_survives_reconnect_of_its_client(server: ServerThr
             res = await asyncio.wait_for(pending, 3)
             return res.next_seq
 
-    lm.batcher.runtime = Gated()
-    try:
+    with inference_blocked(server) as gate:
         assert asyncio.run(main()) == 2
-    finally:
-        gate.set()
-        lm.batcher.runtime = real

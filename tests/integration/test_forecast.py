@@ -102,7 +102,12 @@ def test_forecast_commit_advances_the_session(client: Client, oracle: OnePass) -
 
 def test_forecast_with_prefix_on_a_fresh_session(client: Client, oracle: OnePass) -> None:
     x = xs(6, 4)
-    out = client.forecast("tiny", "fc-fresh", 3, prefix=session_steps("ignored", x))
+    # A prefix naming another session is refused, not silently ignored.
+    other = session_steps("another", x)
+    assert code_of(lambda: client.forecast("tiny", "fc-fresh", 3, prefix=other)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    out = client.forecast("tiny", "fc-fresh", 3, prefix=session_steps("fc-fresh", x))
     np.testing.assert_allclose(out.y, by_hand(oracle, x, 3), atol=ATOL)
     assert out.next_seq == 0
     assert not client.get_session("tiny", "fc-fresh").exists  # not committed: not created

@@ -79,9 +79,9 @@ def test_final_state_equals_one_pass(server: ServerThread, client: Client, oracl
         client.predict("tiny", "state-check", x[a:b], seq=a)
     _, hn, cn = oracle.run(x)
     lm = server.engine.model("tiny")
-    slot = lm.table.get("state-check")
-    np.testing.assert_allclose(lm.arena.h[slot], hn, atol=ATOL)
-    np.testing.assert_allclose(lm.arena.c[slot], cn, atol=ATOL)
+    slot = lm.store.slot("state-check")
+    np.testing.assert_allclose(lm.store.h[:, slot], hn, atol=ATOL)
+    np.testing.assert_allclose(lm.store.c[:, slot], cn, atol=ATOL)
 
 
 def test_batch_invariance(client: Client) -> None:

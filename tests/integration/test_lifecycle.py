@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstm_serve.client import Client, StepResult, session_steps, step_request
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
-from tests.helpers.server import OnePass, ServerThread, code_of, xs
+from tests.helpers.server import OnePass, ServerThread, code_of, inference_blocked, xs
 
 ATOL = 1e-5
 TINY = ("tiny", "1")
@@ -69,14 +69,12 @@ def test_graceful_stop_finishes_in_flight_and_refuses_new(tiny_repo: Path, oracl
             for sid, x in first.items():
                 c.predict("tiny", sid, x, seq=0)
             engine = srv.engine
-            lock = engine.models[TINY].arena.lock
-            lock.acquire()  # the inference thread stalls: requests stay in flight
-            try:
+            with inference_blocked(srv):  # requests stay in flight
                 futs: dict[str, Future[StepResult]] = {
                     sid: pool.submit(c.predict, "tiny", sid, x, seq=3, timeout=20)
                     for sid, x in second.items()
                 }
-                assert wait_until(lambda: engine._inflight == 4)
+                assert wait_until(lambda: engine.model("tiny").scheduler.in_flight() == 4)
                 stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(10.0), srv.loop)
                 assert wait_until(
                     lambda: health_status(target) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -94,8 +92,6 @@ def test_graceful_stop_finishes_in_flight_and_refuses_new(tiny_repo: Path, oracl
                 )
                 assert not stopping.done()
                 assert not any(f.done() for f in futs.values())
-            finally:
-                lock.release()
             for sid, fut in futs.items():
                 out = fut.result(20)
                 full = np.concatenate([first[sid], second[sid]])
@@ -211,7 +207,7 @@ def test_concurrent_stops_are_safe(
         srv.stop()
     snapshots = [r for r in caplog.records if "tiny:1: snapshot of" in r.getMessage()]
     with ServerThread(model_repository=tiny_repo, snapshot_dir=snap) as again:
-        assert len(again.engine.models[TINY].table) == 200
+        assert len(again.engine.models[TINY].store) == 200
     assert results == [None, None]
     assert len(snapshots) == 1, [r.getMessage() for r in snapshots]
 

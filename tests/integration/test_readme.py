@@ -44,7 +44,7 @@ def test_python_example(server: ServerThread) -> None:
     assert lines[0].endswith(" 3")  # next_seq
     assert lines[1] == "(24, 2)"
     # The example ends its session.
-    assert not server.engine.model("forecaster").table.get("sensor-7")
+    assert not server.engine.model("forecaster").store.slot("sensor-7")
 
 
 def test_command_line_examples(server: ServerThread) -> None:

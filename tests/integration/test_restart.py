@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from lstm_serve.client import Client, session_steps, step_request
-from lstm_serve.core.state import Snapshot
+from lstm_serve.core.snapshot import write_snapshot
+from lstm_serve.core.store import Captured
 from tests.helpers.proxy import ServeProcess, health_status
 from tests.helpers.server import OnePass, ServerThread
 
@@ -163,8 +164,8 @@ def _meta(tiny_repo: Path, **change: object) -> dict[str, object]:
     return {**meta, **change}
 
 
-def _snapshot(keys: list[str], n: int, layers: int = 2, hidden: int = 16) -> Snapshot:
-    return Snapshot(
+def _snapshot(keys: list[str], n: int, layers: int = 2, hidden: int = 16) -> Captured:
+    return Captured(
         keys,
         np.ones((n, layers, hidden), np.float32),
         np.ones((n, layers, hidden), np.float32),
@@ -181,13 +182,15 @@ def test_corrupt_or_foreign_snapshot_does_not_stop_the_server(
     snap.mkdir()
     (snap / "tiny-1.npz").write_bytes(np.random.default_rng(0).bytes(5000))  # not an npz at all
     # A well-formed snapshot of another model (other hidden size and sha256).
-    _snapshot(["ghost"], 1, hidden=32).write(
-        snap / "tinytok-1.npz", _meta(tiny_repo, name="tinytok", hidden_size=32, sha256="0" * 64)
+    write_snapshot(
+        snap / "tinytok-1.npz",
+        _snapshot(["ghost"], 1, hidden=32),
+        _meta(tiny_repo, name="tinytok", hidden_size=32, sha256="0" * 64),
     )
     caplog.set_level(logging.INFO)
     with ServerThread(model_repository=tiny_repo, snapshot_dir=snap, metrics_port=-1) as srv:
         assert health_status(srv.target) == "SERVING"
-        assert all(len(lm.table) == 0 for lm in srv.engine.models.values())
+        assert all(len(lm.store) == 0 for lm in srv.engine.models.values())
         with Client(srv.target) as c:
             assert not c.get_session("tinytok", "ghost").exists
             assert c.predict("tiny", "fresh", np.ones((2, 3))).next_seq == 2
@@ -200,9 +203,9 @@ def test_inconsistent_snapshot_restores_nothing(tiny_repo: Path, tmp_path: Path)
     snap = tmp_path / "snap"
     snap.mkdir()
     # Right model, but three keys and state for only two sessions.
-    _snapshot(["a", "b", "c"], 2).write(snap / "tiny-1.npz", _meta(tiny_repo))
+    write_snapshot(snap / "tiny-1.npz", _snapshot(["a", "b", "c"], 2), _meta(tiny_repo))
     with ServerThread(model_repository=tiny_repo, snapshot_dir=snap, metrics_port=-1) as srv:
-        assert len(srv.engine.model("tiny").table) == 0
+        assert len(srv.engine.model("tiny").store) == 0
 
 
 def test_snapshots_are_replaced_atomically(tiny_repo: Path, tmp_path: Path) -> None:
@@ -244,7 +247,7 @@ def test_failed_snapshot_write_keeps_the_old_file_and_leaves_no_tmp(
 ) -> None:
     path = tmp_path / "tiny-1.npz"
     meta: dict[str, object] = {"name": "tiny"}
-    _snapshot(["old"], 1).write(path, meta)
+    write_snapshot(path, _snapshot(["old"], 1), meta)
 
     def disk_full(f: object, **arrays: object) -> None:
         f.write(b"PK\x03\x04 half a zip")  # type: ignore[attr-defined]
@@ -252,7 +255,7 @@ def test_failed_snapshot_write_keeps_the_old_file_and_leaves_no_tmp(
 
     monkeypatch.setattr(np, "savez", disk_full)
     with pytest.raises(OSError):
-        _snapshot(["new"], 1).write(path, meta)
+        write_snapshot(path, _snapshot(["new"], 1), meta)
     monkeypatch.undo()
     assert read_snapshot(path) == {"old": 5}  # the previous snapshot is intact...
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-1.npz"]  # ...and nothing else

@@ -83,7 +83,7 @@ def test_mutual_tls(tiny_repo: Path, pki: Pki, rogue: Pki) -> None:
         assert _predict(conn(pki.clients["alice"]), "mine") == (C.OK, "")
         assert _predict(conn(pki.clients["bob"]), "mine") == (C.OK, "")
         # The principal is the certificate's CN: each client has its own session "mine".
-        keys = set(srv.engine.model("tiny").table.slots)
+        keys = set(srv.engine.model("tiny").store.slots)
         assert {"cn:alice\x1fmine", "cn:bob\x1fmine"} <= keys and "mine" not in keys
 
 
@@ -136,9 +136,11 @@ def test_sessions_are_namespaced_by_principal(token_server: ServerThread, tiny_r
     x = np.random.default_rng(1).normal(size=(6, 3)).astype(np.float32)
 
     def b_state() -> tuple[int, bytes]:
-        slot = lm.table.get("bob\x1fshared")
+        slot = lm.store.slot("bob\x1fshared")
         assert slot is not None
-        return int(lm.arena.next_seq[slot]), lm.arena.h[slot].tobytes() + lm.arena.c[slot].tobytes()
+        return int(lm.store.next_seq[slot]), lm.store.h[:, slot].tobytes() + lm.store.c[
+            :, slot
+        ].tobytes()
 
     try:
         b.predict("tiny", "shared", np.ones((4, 3)), seq=0)
@@ -221,7 +223,7 @@ def test_error_messages_carry_no_internals(
             details.append(text)
         # An unexpected failure inside the server: INTERNAL with a generic text only.
         lm = srv.engine.model("tiny")
-        real = lm.batcher.runtime
+        real = lm.scheduler.runtime
 
         class Broken:
             mv = real.mv
@@ -229,11 +231,11 @@ def test_error_messages_carry_no_internals(
             def run(self, *a: Any) -> Any:
                 raise RuntimeError(f"secret detail from {tiny_repo}/tiny/1/model.onnx")
 
-        lm.batcher.runtime = Broken()
+        lm.scheduler.runtime = Broken()
         try:
             code, text = _code(lambda: c.predict("tiny", "boom", np.ones((1, 3))))
         finally:
-            lm.batcher.runtime = real
+            lm.scheduler.runtime = real
         assert (code, text) == (C.INTERNAL, "internal error")
         assert not c.get_session("tiny", "boom").exists  # and it changed nothing
     with Client(token_server.target) as c:

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from lstm_serve.client import Client, StepResult, session_steps, step_request
-from tests.helpers.server import OnePass, ServerThread, code_of, xs
+from tests.helpers.server import OnePass, ServerThread, code_of, inference_blocked, xs
 
 ATOL = 1e-5
 TINY = ("tiny", "1")
@@ -53,17 +52,6 @@ def wait_until(cond: Callable[[], bool], timeout: float = 5.0, every: float = 0.
             return True
         time.sleep(every)
     return cond()
-
-
-@contextmanager
-def inference_blocked(srv: ServerThread, model: tuple[str, str] = TINY) -> Iterator[None]:
-    """Hold the arena lock: the inference thread cannot gather state, so steps stay in flight."""
-    lock = srv.engine.models[model].arena.lock
-    lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 # -- TTL -------------------------------------------------------------------------------------
@@ -123,7 +111,7 @@ def test_session_with_request_in_flight_is_never_reaped(tiny_repo: Path, oracle:
         c.predict("tiny", "idle", xs(7, 2), seq=0)
         with inference_blocked(srv):
             fut = pool.submit(c.predict, "tiny", "inflight", b, seq=4)
-            assert wait_until(lambda: on_loop(srv, lambda: lm.table.busy("inflight")))
+            assert wait_until(lambda: on_loop(srv, lambda: lm.scheduler.busy("inflight")))
             # Every session is far past its TTL now; only the idle one may go.
             reaped = on_loop(srv, lambda: srv.engine.reap(time.monotonic() + 1e6))
             assert reaped == 1
@@ -226,15 +214,21 @@ def test_cap_evict_lru_never_evicts_a_busy_session(tiny_repo: Path, oracle: OneP
             futs.append(pool.submit(c.predict, "tiny", "a", a1, seq=2))
             futs.append(pool.submit(c.predict, "tiny", "b", b1, seq=2))
             assert wait_until(
-                lambda: on_loop(srv, lambda: lm.table.busy("a") and lm.table.busy("b"))
+                lambda: on_loop(srv, lambda: lm.scheduler.busy("a") and lm.scheduler.busy("b"))
             )
-            assert code_of(lambda: c.predict("tiny", "c", xs(74, 1), seq=0, timeout=5)) == (
-                grpc.StatusCode.RESOURCE_EXHAUSTED
-            )
+            # A new session waits for the batch in flight: nothing is planned (or evicted)
+            # while a and b run.
+            fc = pool.submit(c.predict, "tiny", "c", xs(74, 1), seq=0, timeout=10)
+            time.sleep(0.3)
+            assert not fc.done()
+            assert evicted(srv, "lru") == 0
         ra, rb = (f.result(10) for f in futs)
         np.testing.assert_allclose(ra.y, oracle.run(np.concatenate([a0, a1]))[0][2:], atol=ATOL)
         np.testing.assert_allclose(rb.y, oracle.run(np.concatenate([b0, b1]))[0][2:], atol=ATOL)
-        assert evicted(srv, "lru") == 0
+        # Then c evicts the least recently used of the two, now idle.
+        assert fc.result(10).next_seq == 1
+        assert evicted(srv, "lru") == 1
+        assert not c.get_session("tiny", "a").exists and c.get_session("tiny", "b").exists
 
 
 # -- reset / end -----------------------------------------------------------------------------

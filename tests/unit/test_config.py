@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from lstm_serve.cli.main import build_parser
 from lstm_serve.core.runtime import Device
-from lstm_serve.core.state import CapPolicy
+from lstm_serve.core.store import CapPolicy
 from lstm_serve.server.app import settings_from_args
 from lstm_serve.server.settings import Settings
 
@@ -126,7 +126,7 @@ def test_invalid_env_is_rejected(
         (["--max-batch-size", "0"], "max_batch_size"),
         (["--session-ttl-s", "0"], "session_ttl_s"),
         (["--reap-interval-s", "-1"], "reap_interval_s"),
-        (["--max-queue-delay-ms", "-0.5"], "max_queue_delay_ms"),
+        (["--inline-max-steps", "-1"], "inline_max_steps"),
         (["--cap-policy", "drop_random"], "cap_policy"),
         (["--device", "tpu"], "device"),
         (["--max-message-bytes", "10"], "max_message_bytes"),

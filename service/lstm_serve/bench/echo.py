@@ -31,6 +31,14 @@ class EchoServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         return y
 
     def answer(self, req: pb.StepRequest) -> pb.StepResponse:
+        if req.HasField("frame"):  # a columnar frame gets a columnar answer
+            fr = req.frame
+            n, steps = len(fr.session_ids), fr.steps
+            out = pb.FrameOutput(
+                steps=steps, seqs=[0] * n, next_seqs=[steps] * n, replayed=[False] * n,
+                y=self._y(n * steps),
+            )  # fmt: skip
+            return pb.StepResponse(request_id=req.request_id, model=req.model, frame=out)
         outs = []
         for s in req.sessions:
             steps = len(s.x) // self.step_bytes if s.x else len(s.tokens)

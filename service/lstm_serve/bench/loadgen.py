@@ -305,10 +305,25 @@ def _session_steps(cmd: dict[str, Any], session_id: str, steps: int) -> Any:
 def _request(cmd: dict[str, Any], session_ids: list[str], steps: int) -> bytes:
     from lstm_serve.server.pb import lstm_serve_pb2 as pb
 
-    req = pb.StepRequest(
-        model=pb.ModelRef(name=cmd["model"]),
-        sessions=[_session_steps(cmd, sid, steps) for sid in session_ids],
-    )
+    if len(session_ids) > 1:  # a gateway frame, in the columnar form
+        import numpy as np
+
+        from lstm_serve.client import frame_request
+
+        shape = (
+            (len(session_ids), steps)
+            if cmd["kind"] == "token"
+            else (len(session_ids), steps, int(cmd["input_dim"]))
+        )
+        fill = (
+            np.ones(shape, np.int64) if cmd["kind"] == "token" else np.full(shape, 0.5, np.float32)
+        )
+        req = frame_request(cmd["model"], session_ids, fill)
+    else:
+        req = pb.StepRequest(
+            model=pb.ModelRef(name=cmd["model"]),
+            sessions=[_session_steps(cmd, sid, steps) for sid in session_ids],
+        )
     data: bytes = req.SerializeToString()
     return data
 
@@ -318,6 +333,12 @@ def _check(cmd: dict[str, Any], data: bytes) -> None:
 
     resp = pb.StepResponse.FromString(data)
     want = int(cmd["steps"]) * int(cmd["output_dim"]) * 4
+    if resp.HasField("frame"):
+        if len(resp.frame.y) != want * int(cmd["sessions"]) or resp.frame.steps != int(
+            cmd["steps"]
+        ):
+            raise RuntimeError(f"frame answer has {len(resp.frame.y)} bytes of y")
+        return
     if len(resp.sessions) != int(cmd["sessions"]):
         raise RuntimeError(f"answer has {len(resp.sessions)} sessions, not {cmd['sessions']}")
     for s in resp.sessions:

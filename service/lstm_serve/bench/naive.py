@@ -39,6 +39,8 @@ class NaiveServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         self.state: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
 
     def step(self, req: pb.StepRequest, context: Context) -> pb.StepResponse:
+        if req.HasField("frame"):
+            return self.frame(req)
         sessions = list(req.sessions)
         xs: list[np.ndarray]
         if self.token:
@@ -69,6 +71,29 @@ class NaiveServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
                 )
             )
         return pb.StepResponse(request_id=req.request_id, model=req.model, sessions=outs)
+
+    def frame(self, req: pb.StepRequest) -> pb.StepResponse:
+        """A columnar frame: the same, with the sessions as arrays."""
+        fr = req.frame
+        ids, steps = list(fr.session_ids), fr.steps
+        x: np.ndarray
+        if self.token:
+            x = np.asarray(fr.tokens, np.int64).reshape(len(ids), steps)
+        else:
+            x = np.frombuffer(fr.x, np.float32).reshape(len(ids), steps, self.input_dim)
+        states = [self.state.get(sid) for sid in ids]
+        h = np.stack([st[0] if st else self.zeros for st in states], axis=1)
+        c = np.stack([st[1] if st else self.zeros for st in states], axis=1)
+        n = self.names
+        y, hn, cn = self.sess.run([n.y, n.hn, n.cn], {n.x: x, n.h0: h, n.c0: c})
+        seqs = [st[2] if st else 0 for st in states]
+        for i, sid in enumerate(ids):
+            self.state[sid] = (hn[:, i].copy(), cn[:, i].copy(), seqs[i] + steps)
+        out = pb.FrameOutput(
+            steps=steps, seqs=seqs, next_seqs=[s + steps for s in seqs],
+            replayed=[False] * len(ids), y=y.astype(np.float32).tobytes(),
+        )  # fmt: skip
+        return pb.StepResponse(request_id=req.request_id, model=req.model, frame=out)
 
     async def Predict(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         return self.step(request, context)

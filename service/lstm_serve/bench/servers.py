@@ -222,11 +222,11 @@ async def _serve(args: argparse.Namespace) -> None:
             assert lstm.engine is not None
             lm = lstm.engine.model(mv.manifest.name, mv.manifest.version)
             return {
-                "sessions": len(lm.table),
-                "replay_entries": len(lm.replay),
-                "replay_accounted_bytes": lm.replay.bytes,
-                "replay_budget_bytes": lm.replay.budget,
-                "arena_capacity": lm.arena.capacity,
+                "sessions": len(lm.store),
+                "replay_entries": len(lm.scheduler.replay),
+                "replay_accounted_bytes": lm.scheduler.replay.bytes,
+                "replay_budget_bytes": lm.scheduler.replay.budget,
+                "arena_capacity": lm.store.capacity,
             }
 
         stats_fn = lstm_stats
@@ -234,8 +234,9 @@ async def _serve(args: argparse.Namespace) -> None:
         def lstm_drop_replay() -> dict[str, Any]:
             assert lstm.engine is not None
             lm = lstm.engine.model(mv.manifest.name, mv.manifest.version)
-            dropped = len(lm.replay)
-            lm.replay = ReplayCache(lm.replay.budget)
+            dropped = len(lm.scheduler.replay)
+            lm.scheduler.replay = ReplayCache(lm.scheduler.replay.budget)
+            lm.store.replay[:] = None
             gc.collect()
             _malloc_trim()
             return {"replay_entries_dropped": dropped}

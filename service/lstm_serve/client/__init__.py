@@ -95,6 +95,64 @@ def step_results(resp: pb.StepResponse, output_dim: int | None = None) -> list[S
     return out
 
 
+@dataclass(frozen=True)
+class FrameResult:
+    """The answer to a columnar frame, as arrays in the frame's session order."""
+
+    session_ids: list[str]
+    seq: np.ndarray  # uint64 [sessions]: seq of each session's first step
+    next_seq: np.ndarray  # uint64 [sessions]
+    replayed: np.ndarray  # bool [sessions]
+    y: np.ndarray  # float32 [sessions, steps, output_dim]; empty when top_k was asked for
+    top_k_tokens: np.ndarray  # int32 [sessions, steps, k] (token models with top_k > 0)
+    top_k_probs: np.ndarray  # float32 [sessions, steps, k]
+
+
+def frame_request(
+    model: str,
+    session_ids: Sequence[str],
+    x: np.ndarray,
+    seqs: Sequence[int] | np.ndarray | None = None,
+    resets: Sequence[bool] | np.ndarray | None = None,
+    *,
+    version: str = "",
+    top_k: int = 0,
+    request_id: str = "",
+) -> pb.StepRequest:
+    """A gateway frame in the columnar form: x is [sessions, steps, input_dim] (real models) or
+    [sessions, steps] token ids; seqs (-1: append) and resets have one value per session."""
+    x = np.asarray(x)
+    fr = pb.Frame(session_ids=list(session_ids), steps=x.shape[1] if x.ndim >= 2 else 0)
+    if np.issubdtype(x.dtype, np.integer):
+        fr.tokens.extend(x.ravel().tolist())
+    else:
+        fr.x = np.ascontiguousarray(x, F32).tobytes()
+    if seqs is not None:
+        fr.seqs.extend(np.asarray(seqs, np.int64).tolist())
+    if resets is not None:
+        fr.resets.extend(np.asarray(resets, bool).tolist())
+    return pb.StepRequest(
+        model=pb.ModelRef(name=model, version=version), frame=fr, top_k=top_k,
+        request_id=request_id,
+    )  # fmt: skip
+
+
+def frame_result(req: pb.StepRequest, resp: pb.StepResponse) -> FrameResult:
+    fo = resp.frame
+    n, t = len(req.frame.session_ids), fo.steps
+    y = np.frombuffer(fo.y, F32)
+    k = len(fo.top_k_tokens) // max(n * t, 1)
+    return FrameResult(
+        list(req.frame.session_ids),
+        np.asarray(fo.seqs, np.uint64),
+        np.asarray(fo.next_seqs, np.uint64),
+        np.asarray(fo.replayed, bool),
+        y.reshape(n, t, -1) if y.size else y.reshape(n, t, 0),
+        np.asarray(fo.top_k_tokens, np.int32).reshape(n, t, k),
+        np.asarray(fo.top_k_probs, np.float32).reshape(n, t, k),
+    )
+
+
 def _credentials(
     root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None
 ) -> grpc.ChannelCredentials | None:
@@ -165,6 +223,16 @@ class Client:
     def step(self, request: pb.StepRequest, timeout: float | None = None) -> list[StepResult]:
         """Send one request (one session or a gateway frame of many)."""
         return step_results(self.stub.Predict(request, **self._kw(timeout)))
+
+    def step_frame(
+        self, model: str, session_ids: Sequence[str], x: np.ndarray,
+        seqs: Sequence[int] | np.ndarray | None = None,
+        resets: Sequence[bool] | np.ndarray | None = None, *, version: str = "",
+        top_k: int = 0, timeout: float | None = None,
+    ) -> FrameResult:  # fmt: skip
+        """Many sessions' steps in one columnar message (see frame_request), run as one batch."""
+        req = frame_request(model, session_ids, x, seqs, resets, version=version, top_k=top_k)
+        return frame_result(req, self.stub.Predict(req, **self._kw(timeout)))
 
     def predict(
         self, model: str, session_id: str, x: ArrayLike | None = None, *,
@@ -336,6 +404,16 @@ class AsyncClient:
 
     async def step(self, request: pb.StepRequest, timeout: float | None = None) -> list[StepResult]:
         return step_results(await self.stub.Predict(request, **self._kw(timeout)))
+
+    async def step_frame(
+        self, model: str, session_ids: Sequence[str], x: np.ndarray,
+        seqs: Sequence[int] | np.ndarray | None = None,
+        resets: Sequence[bool] | np.ndarray | None = None, *, version: str = "",
+        top_k: int = 0, timeout: float | None = None,
+    ) -> FrameResult:  # fmt: skip
+        """Many sessions' steps in one columnar message (see frame_request), run as one batch."""
+        req = frame_request(model, session_ids, x, seqs, resets, version=version, top_k=top_k)
+        return frame_result(req, await self.stub.Predict(req, **self._kw(timeout)))
 
     async def predict(
         self, model: str, session_id: str, x: ArrayLike | None = None, *,

@@ -1,50 +1,84 @@
-"""Recent responses per (session, seq), so a retried request is answered again, not reapplied."""
+"""Answers of applied requests, kept so that a retried request is answered again, not reapplied.
+
+One entry per request holds the answers of all its sessions ([rows, steps, output_dim]). Each
+session's entries form a chain: the store keeps the newest (entry, row) of each slot, and an
+entry remembers, per row, the entry that was newest before it. A retry walks its session's
+chain back to its seq; commits are O(1) numpy operations per request, whatever its size.
+Entries are dropped oldest first once their bytes exceed the budget.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-_ENTRY_OVERHEAD = 256  # bytes of Python objects per entry, counted against the budget
+_ENTRY_OVERHEAD = 512  # bytes of Python objects per entry, counted against the budget
+
+
+@dataclass(eq=False, slots=True)
+class ReplayEntry:
+    y: np.ndarray | list[np.ndarray] | None  # per row [steps, output_dim]; None once dropped
+    seq: np.ndarray  # [rows] seq of each row's first step
+    gen: np.ndarray  # [rows] the session generation the row was applied in
+    reset: np.ndarray  # [rows] bool
+    next_seq: np.ndarray  # [rows] what the first answer said
+    prev: np.ndarray  # [rows] object: the entry newest before this one, per row
+    prev_row: np.ndarray  # [rows]
+    digest: np.ndarray  # [rows] uint64: a hash of each row's inputs
+    nbytes: int = 0
+
+    def row_steps(self, row: int) -> int:
+        assert self.y is not None
+        return int(self.y[row].shape[0])
 
 
 @dataclass(frozen=True, slots=True)
-class Replay:
-    steps: int
-    reset: bool
-    y: np.ndarray
-    next_seq: int
+class Found:
+    entry: ReplayEntry
+    row: int
 
 
 class ReplayCache:
-    """LRU by bytes, keyed by (session key, session generation, seq of the request's first step).
-
-    A session gets a new generation when it is created or reset, so entries of an ended or
-    reset session are never matched again and simply age out (no scan to drop them).
-    """
-
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple[str, int, int], Replay] = OrderedDict()
+        self._order: deque[ReplayEntry] = deque()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._order)
 
-    def put(self, key: str, gen: int, seq: int, entry: Replay) -> None:
-        size = entry.y.nbytes + _ENTRY_OVERHEAD
+    def add(self, entry: ReplayEntry) -> bool:
+        """Keep entry (dropping the oldest over budget); False when it alone exceeds the budget."""
+        y = entry.y
+        assert y is not None
+        size = (
+            int(y.nbytes) if isinstance(y, np.ndarray) else sum(int(a.nbytes) for a in y)
+        ) + _ENTRY_OVERHEAD
         if size > self.budget:
-            return
-        old = self._entries.pop((key, gen, seq), None)
-        if old is not None:
-            self.bytes -= old.y.nbytes + _ENTRY_OVERHEAD
-        self._entries[(key, gen, seq)] = entry
+            return False
+        entry.nbytes = size
+        self._order.append(entry)
         self.bytes += size
         while self.bytes > self.budget:
-            _, dropped = self._entries.popitem(last=False)
-            self.bytes -= dropped.y.nbytes + _ENTRY_OVERHEAD
+            old = self._order.popleft()
+            self.bytes -= old.nbytes
+            old.y = None  # its rows no longer answer; chains stop here
+            old.prev = np.empty(0, object)
+        return True
 
-    def get(self, key: str, gen: int, seq: int) -> Replay | None:
-        return self._entries.get((key, gen, seq))
+
+def find(head: object, row: int, gen: int, seq: int) -> Found | None:
+    """Walk a session's chain from its newest entry back to the one starting at seq."""
+    entry = head
+    while isinstance(entry, ReplayEntry) and entry.y is not None:
+        if int(entry.gen[row]) != gen:
+            return None
+        s = int(entry.seq[row])
+        if s == seq:
+            return Found(entry, row)
+        if s < seq:
+            return None
+        entry, row = entry.prev[row], int(entry.prev_row[row])
+    return None

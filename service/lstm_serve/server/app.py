@@ -58,7 +58,7 @@ class LstmServer:
             logger.error("model repository: %s", err)
         if not repo.models:
             raise RuntimeError(f"no loadable model in {s.model_repository}")
-        self.engine = Engine(s, repo, self.metrics)
+        self.engine = Engine(s, repo, self.metrics.probes, self.metrics.count_request)
         await self.engine.start()
         interceptors: list[Interceptor] = [StatusInterceptor(self.metrics)]
         tokens = load_tokens(s.auth_tokens_file, s.auth_tokens)
@@ -71,7 +71,7 @@ class LstmServer:
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_LstmServeServicer_to_server(
-            LstmServeServicer(self.engine, s.max_inflight_per_stream), server
+            LstmServeServicer(self.engine, s.max_inflight_per_stream, s.max_message_bytes), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

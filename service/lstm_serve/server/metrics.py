@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import start_http_server
+
+from lstm_serve.core.probes import Incrementer, Probes
 
 # Seconds: 50 us .. 10 s, dense where a step on a CPU lands.
 LATENCY_BUCKETS = (
@@ -32,6 +35,32 @@ class Metrics:
     grpc_handling: Histogram
     grpc_msg_received: Counter
     grpc_msg_sent: Counter
+    _children: dict[tuple[str, ...], Any] = field(default_factory=dict, compare=False)
+
+    def count_request(self, label: str, method: str, code: str) -> None:
+        self._request(label, method, code).inc()
+
+    def _request(self, label: str, method: str, code: str) -> Incrementer:
+        # labels() costs a lock and a tuple per call: keep the children, one per series.
+        key = (label, method, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(label, method, code)
+        return child  # type: ignore[no-any-return]
+
+    def probes(self, label: str) -> Probes:
+        """The children of one model's series, for its scheduler."""
+        return Probes(
+            step_latency=self.step_latency.labels(label),
+            queue_seconds=self.queue_seconds.labels(label),
+            inference_seconds=self.inference_seconds.labels(label),
+            batch_size=self.batch_size.labels(label),
+            steps=self.steps.labels(label),
+            sessions=self.sessions.labels(label),
+            evicted_lru=self.sessions_evicted.labels(label, "lru"),
+            evicted_ttl=self.sessions_evicted.labels(label, "ttl"),
+            requests=lambda method, code: self._request(label, method, code),
+        )
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:

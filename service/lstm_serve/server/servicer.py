@@ -1,85 +1,141 @@
-"""The LstmServe servicer: a translator. It decodes, makes one engine call, encodes."""
+"""The LstmServe servicer: a translator. It decodes into a frame, makes one engine call, encodes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
-from lstm_serve.core.engine import Engine, Sampling
+from lstm_serve.core import frame as F
+from lstm_serve.core.engine import Engine
+from lstm_serve.core.errors import InvalidArgument, ServiceError
+from lstm_serve.core.repository import Manifest
+from lstm_serve.core.rollout import Sampling
+from lstm_serve.core.scheduler import StepResult
 from lstm_serve.server import convert
 from lstm_serve.server.interceptors import PRINCIPAL
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# Metadata a client sends to say the largest answer it accepts (its receive limit), in bytes.
+MAX_RESPONSE_KEY = "lstm-serve-max-response-bytes"
 
 
 class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine, max_inflight_per_stream: int) -> None:
+    def __init__(
+        self, engine: Engine, max_inflight_per_stream: int, max_message_bytes: int
+    ) -> None:
         self.engine = engine
         self.window = max_inflight_per_stream
+        self.max_message_bytes = max_message_bytes
 
-    async def _step(
-        self, req: pb.StepRequest, principal: str, deadline: float | None
-    ) -> pb.StepResponse:
-        mv, outputs = await self.engine.step(
-            req.model.name, req.model.version, convert.step_inputs(req), principal, deadline
+    def _limit(self, context: Context) -> int:
+        """The largest answer this call may get: the server's send limit or the client's own."""
+        limit = self.max_message_bytes
+        for key, value in context.invocation_metadata() or ():
+            if key == MAX_RESPONSE_KEY:
+                try:
+                    limit = min(limit, int(value))
+                except ValueError:
+                    raise InvalidArgument(f"{MAX_RESPONSE_KEY} must be a number of bytes") from None
+        return limit
+
+    def _submit(
+        self, req: pb.StepRequest, principal: str, deadline: float | None, limit: int
+    ) -> asyncio.Future[StepResult]:
+        def decode(m: Manifest) -> F.Frame:
+            frame = convert.frame_of(req, m)
+            size = convert.answer_bytes(frame, m, req.top_k)
+            if size > limit:
+                raise InvalidArgument(
+                    f"the answer would take about {size} bytes, more than the {limit} allowed "
+                    f"(the server's max_message_bytes or the client's {MAX_RESPONSE_KEY}); "
+                    f"send fewer sessions or steps per request, or ask for top_k"
+                )
+            return frame
+
+        return self.engine.submit_step(
+            req.model.name, req.model.version, decode, principal, deadline
         )
-        return convert.step_response(mv, outputs, req.request_id, req.top_k)
+
+    def _encode(self, req: pb.StepRequest, result: StepResult) -> pb.StepResponse:
+        mv = self.engine.get_model(req.model.name, req.model.version)
+        return convert.step_response(mv, result, req.request_id, req.top_k, req.HasField("frame"))
 
     async def Predict(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
-        return await self._step(request, PRINCIPAL.get(), _deadline(context))
+        fut = self._submit(request, PRINCIPAL.get(), _deadline(context), self._limit(context))
+        return self._encode(request, await fut)
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: Context
     ) -> AsyncIterator[pb.StepResponse]:
-        # Up to `window` messages of one stream are worked on at once; each starts in arrival
-        # order (the engine queues sessions synchronously), and answers go out in that order.
+        # Up to `window` messages of one stream are queued at once, in the order read; answers
+        # go out in that order. One reader task per stream, one future per message.
         principal = PRINCIPAL.get()
+        limit = self._limit(context)
+        deadline = _deadline(context)
         window = asyncio.Semaphore(self.window)
-        pending: asyncio.Queue[asyncio.Future[pb.StepResponse] | None] = asyncio.Queue()
+        items: deque[tuple[pb.StepRequest, asyncio.Future[StepResult] | ServiceError] | None] = (
+            deque()
+        )
+        ready = asyncio.Event()
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
                     await window.acquire()  # released once its answer is sent
-                    step = self._step(req, principal, _deadline(context))
-                    pending.put_nowait(asyncio.ensure_future(step))
+                    try:
+                        items.append((req, self._submit(req, principal, deadline, limit)))
+                    except ServiceError as exc:
+                        items.append((req, exc))
+                    ready.set()
             finally:
-                pending.put_nowait(None)
+                items.append(None)
+                ready.set()
 
         reader = asyncio.create_task(read())
         try:
-            while (task := await pending.get()) is not None:
+            while True:
+                while not items:
+                    ready.clear()
+                    await ready.wait()
+                item = items.popleft()
+                if item is None:
+                    break
+                req, fut = item
                 try:
-                    yield await task
+                    if isinstance(fut, ServiceError):
+                        raise fut
+                    yield self._encode(req, await fut)
                 finally:
                     window.release()
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
-            while not pending.empty():
-                left = pending.get_nowait()
-                if left is not None:
-                    left.cancel()
+            for left in items:
+                if left is not None and isinstance(left[1], asyncio.Future):
+                    left[1].cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
     async def Forecast(self, request: pb.ForecastRequest, context: Context) -> pb.ForecastResponse:
-        prefix = (
-            convert.session_steps(request.prefix)
-            if request.HasField("prefix") and (request.prefix.x or len(request.prefix.tokens))
-            else None
-        )
+        decode: Callable[[Manifest], F.Frame] | None = None
+        if request.HasField("prefix") and (request.prefix.x or len(request.prefix.tokens)):
+            prefix = pb.StepRequest(sessions=[request.prefix])
+
+            def decode(m: Manifest) -> F.Frame:
+                return convert.frame_of(prefix, m)
+
         sampling = Sampling(request.temperature, request.top_k, request.seed)
         mv, result = await self.engine.forecast(
             request.model.name, request.model.version, request.session_id, request.horizon,
-            prefix, sampling, request.commit, PRINCIPAL.get(),
+            decode, sampling, request.commit, PRINCIPAL.get(), _deadline(context),
         )  # fmt: skip
         return convert.forecast_response(mv, result)
 

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lstm_serve.core.runtime import Device
-from lstm_serve.core.state import CapPolicy
+from lstm_serve.core.store import CapPolicy
 
 DEFAULT_MODELS = Path(__file__).resolve().parents[3] / "models"
 
@@ -41,15 +41,15 @@ class Settings(BaseSettings):
         description="ONNX Runtime intra-op threads per model (0: one per core). One leaves the other cores to gRPC.",
     )
     max_batch_size: int = Field(256, ge=1, description="Most sessions run in one inference call.")
-    max_queue_delay_ms: float = Field(
-        0.0,
-        ge=0.0,
-        description="Extra wait for a batch to fill once work is queued (0: run what is queued at once).",
+    inline_max_steps: int = Field(
+        32,
+        ge=0,
+        description="Batches of up to this many session-steps run ONNX Runtime on the event loop; larger ones in a thread (0: always a thread).",
     )
     max_queue: int = Field(
         4096,
         ge=1,
-        description="Most session-steps waiting per model; more are refused (RESOURCE_EXHAUSTED).",
+        description="Most sessions waiting per model (a frame counts each of its sessions); requests beyond it are refused (RESOURCE_EXHAUSTED), except one alone in an empty queue.",
     )
     max_steps_per_request: int = Field(
         4096, ge=1, description="Most steps one session may send in one request."

@@ -28,17 +28,35 @@ class SessionSteps(_message.Message):
     tokens: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., reset: _Optional[bool] = ..., x: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Frame(_message.Message):
+    __slots__ = ("session_ids", "seqs", "resets", "steps", "x", "tokens")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    RESETS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    resets: _containers.RepeatedScalarFieldContainer[bool]
+    steps: int
+    x: bytes
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[int]] = ..., resets: _Optional[_Iterable[bool]] = ..., steps: _Optional[int] = ..., x: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class StepRequest(_message.Message):
-    __slots__ = ("model", "request_id", "sessions", "top_k")
+    __slots__ = ("model", "request_id", "sessions", "top_k", "frame")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     request_id: str
     sessions: _containers.RepeatedCompositeFieldContainer[SessionSteps]
     top_k: int
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ..., sessions: _Optional[_Iterable[_Union[SessionSteps, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    frame: Frame
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ..., sessions: _Optional[_Iterable[_Union[SessionSteps, _Mapping]]] = ..., top_k: _Optional[int] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
 
 class TopK(_message.Message):
     __slots__ = ("tokens", "probs")
@@ -66,15 +84,35 @@ class SessionOutput(_message.Message):
     replayed: bool
     def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., next_seq: _Optional[int] = ..., steps: _Optional[int] = ..., y: _Optional[bytes] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class FrameOutput(_message.Message):
+    __slots__ = ("steps", "seqs", "next_seqs", "replayed", "y", "top_k_tokens", "top_k_probs")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_PROBS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    next_seqs: _containers.RepeatedScalarFieldContainer[int]
+    replayed: _containers.RepeatedScalarFieldContainer[bool]
+    y: bytes
+    top_k_tokens: _containers.RepeatedScalarFieldContainer[int]
+    top_k_probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, steps: _Optional[int] = ..., seqs: _Optional[_Iterable[int]] = ..., next_seqs: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., y: _Optional[bytes] = ..., top_k_tokens: _Optional[_Iterable[int]] = ..., top_k_probs: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class StepResponse(_message.Message):
-    __slots__ = ("request_id", "model", "sessions")
+    __slots__ = ("request_id", "model", "sessions", "frame")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: ModelRef
     sessions: _containers.RepeatedCompositeFieldContainer[SessionOutput]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., sessions: _Optional[_Iterable[_Union[SessionOutput, _Mapping]]] = ...) -> None: ...
+    frame: FrameOutput
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., sessions: _Optional[_Iterable[_Union[SessionOutput, _Mapping]]] = ..., frame: _Optional[_Union[FrameOutput, _Mapping]] = ...) -> None: ...
 
 class ForecastRequest(_message.Message):
     __slots__ = ("model", "session_id", "horizon", "prefix", "temperature", "top_k", "seed", "commit")

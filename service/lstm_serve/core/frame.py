@@ -1,0 +1,160 @@
+"""A frame: one request's sessions as columns. The single-session form is a frame of one row.
+
+x arrives in blocks of rows that share a step count: a columnar frame is one block
+[sessions, steps, input_dim]; a request whose sessions send different step counts has one block
+per count. Validation is over whole arrays; a frame is checked before anything is applied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lstm_serve.core.errors import InvalidArgument
+
+APPEND = -1  # seq column: no seq given, append at the session's next seq
+MAX_SESSION_ID = 256
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass(eq=False, slots=True)
+class Block:
+    rows: np.ndarray  # int64 row indices into the frame
+    x: np.ndarray  # [rows, steps, input_dim] float32, or [rows, steps] int64 token ids
+
+
+@dataclass(eq=False, slots=True)
+class Frame:
+    ids: list[str]
+    seq: np.ndarray  # int64 [n]; APPEND where absent
+    reset: np.ndarray  # bool [n]
+    blocks: list[Block]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def uniform(self) -> bool:
+        return len(self.blocks) == 1
+
+    def steps(self) -> np.ndarray:
+        out = np.empty(len(self.ids), np.int64)
+        for b in self.blocks:
+            out[b.rows] = b.x.shape[1]
+        return out
+
+
+def single(session_id: str, x: np.ndarray, seq: int | None = None, reset: bool = False) -> Frame:
+    """A frame of one session: x is [steps, input_dim] (or [steps] token ids)."""
+    return Frame(
+        [session_id],
+        np.array([APPEND if seq is None else seq], np.int64),
+        np.array([reset]),
+        [Block(np.zeros(1, np.int64), x[None])],
+    )
+
+
+def from_rows(
+    ids: list[str], xs: Sequence[np.ndarray], seq: np.ndarray, reset: np.ndarray
+) -> Frame:
+    """A frame from per-session arrays that may differ in step count (one block per count)."""
+    lengths = np.fromiter((len(x) for x in xs), np.int64, len(xs))
+    if len(xs) and (lengths == lengths[0]).all():
+        blocks = [Block(np.arange(len(xs), dtype=np.int64), np.stack(xs))]
+    else:
+        blocks = []
+        for t in np.unique(lengths):
+            rows = np.flatnonzero(lengths == t)
+            blocks.append(Block(rows, np.stack([xs[i] for i in rows.tolist()])))
+    return Frame(ids, seq, reset, blocks)
+
+
+def check_ids(ids: list[str], max_sessions: int) -> None:
+    n = len(ids)
+    if n == 1 and 0 < len(ids[0]) <= MAX_SESSION_ID and ids[0].isprintable():
+        return  # the streamed single session: nothing else to look at
+    if n == 0:
+        raise InvalidArgument("request has no sessions")
+    if n > max_sessions:
+        raise InvalidArgument(f"request has {n} sessions; at most {max_sessions}")
+    for sid in ids:
+        if not sid or len(sid) > MAX_SESSION_ID or not sid.isprintable():
+            if not sid:
+                raise InvalidArgument("session_id is empty")
+            if len(sid) > MAX_SESSION_ID:
+                raise InvalidArgument(
+                    f"session_id is {len(sid)} characters; at most {MAX_SESSION_ID}"
+                )
+            raise InvalidArgument("session_id has control characters")
+    if n > 1 and len(set(ids)) != n:
+        raise InvalidArgument("a session appears twice in one request")
+
+
+def check(
+    frame: Frame,
+    token: bool,
+    input_dim: int,
+    vocab: int,
+    max_steps: int,
+    max_sessions: int,
+) -> None:
+    """Refuse a frame with anything wrong in it, naming the session and the field."""
+    ids = frame.ids
+    check_ids(ids, max_sessions)
+    n = len(ids)
+    if frame.seq.shape != (n,) or frame.reset.shape != (n,):
+        raise InvalidArgument(f"seq and reset must have one value per session ({n})")
+    seq = frame.seq.tolist() if n == 1 else frame.seq  # scalars are cheaper for one session
+    reset = frame.reset.tolist() if n == 1 else frame.reset
+    if n > 1 or reset[0]:
+        bad_reset = frame.reset & (frame.seq != APPEND) & (frame.seq != 0)
+        if bad_reset.any():
+            i = int(np.flatnonzero(bad_reset)[0])
+            raise InvalidArgument(
+                f"session {ids[i]!r}: a reset starts at seq 0, not {int(frame.seq[i])}"
+            )
+    if (n == 1 and seq[0] < APPEND) or (n > 1 and (frame.seq < APPEND).any()):
+        i = int(np.flatnonzero(frame.seq < APPEND)[0])
+        raise InvalidArgument(f"session {ids[i]!r}: seq is out of range")
+    for b in frame.blocks:
+        x = b.x
+        steps = x.shape[1] if x.ndim >= 2 else 0
+        if steps == 0:
+            raise InvalidArgument(f"session {ids[int(b.rows[0])]!r}: no steps")
+        if steps > max_steps:
+            raise InvalidArgument(
+                f"session {ids[int(b.rows[0])]!r}: {steps} steps; at most {max_steps} per request"
+            )
+        if token:
+            bad = (x < 0) | (x >= vocab)
+            if bad.any():
+                r, t = (int(v[0]) for v in np.nonzero(bad))
+                raise InvalidArgument(
+                    f"session {ids[int(b.rows[r])]!r}: token id {int(x[r, t])} at step {t} "
+                    f"is outside the vocabulary [0, {vocab})"
+                )
+        else:
+            if x.ndim != 3 or x.shape[2] != input_dim:
+                raise InvalidArgument(
+                    f"session {ids[int(b.rows[0])]!r}: x must be [steps, {input_dim}] values"
+                )
+            small = x.size <= 64
+            if not (all(map(math.isfinite, x.ravel().tolist())) if small else np.isfinite(x).all()):
+                r, t = (int(v[0]) for v in np.nonzero(~np.isfinite(x).all(axis=2)))
+                raise InvalidArgument(
+                    f"session {ids[int(b.rows[r])]!r}: x has NaN or Inf at step {t}"
+                )
+
+
+def digest(x: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row's inputs (x [rows, steps, ...]), to tell a retry from new data.
+    A row's digest depends on that row alone, so a retry matches however it is batched."""
+    n = x.shape[0]
+    flat = np.ascontiguousarray(x).reshape(n, -1)
+    bits = flat.view(np.uint32 if flat.dtype.itemsize == 4 else np.uint64).astype(np.uint64)
+    weights = (np.arange(1, bits.shape[1] + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
+    out: np.ndarray = (bits * weights).sum(axis=1, dtype=np.uint64) ^ np.uint64(bits.shape[1])
+    return out

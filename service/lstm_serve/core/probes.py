@@ -1,0 +1,50 @@
+"""What the core reports, as the few methods it calls: the server backs them with Prometheus
+children (server/metrics.py), the core's own tests with plain counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class Incrementer(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Setter(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Probes:
+    step_latency: Observer
+    queue_seconds: Observer
+    inference_seconds: Observer
+    batch_size: Observer
+    steps: Incrementer
+    sessions: Setter
+    evicted_lru: Incrementer
+    evicted_ttl: Incrementer
+    # (method, status code name) -> the counter of such requests
+    requests: Callable[[str, str], Incrementer]
+
+
+class _Nothing:
+    def observe(self, amount: float) -> None:
+        pass
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+
+def no_probes() -> Probes:
+    n = _Nothing()
+    return Probes(n, n, n, n, n, n, n, n, lambda method, code: n)

@@ -1,0 +1,215 @@
+"""The session store: key -> slot, and the state columns. The only writer of session state.
+
+Columns are preallocated arrays indexed by slot; h and c are [layers, capacity, hidden] so a
+batch's state is gathered as store.h[:, slots], already in the graph's [layers, batch, hidden]
+layout. np.zeros maps pages lazily, so a large capacity costs memory only as slots fill.
+
+Only the scheduler calls the mutating methods, on the event loop, between inference calls; that
+order, not a lock, gives one writer per session (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from lstm_serve.core.errors import ResourceExhausted
+
+
+class CapPolicy(StrEnum):
+    """What a new session gets at the session cap."""
+
+    refuse = "refuse"
+    evict_lru = "evict_lru"
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A copy of every session's state, in key order (see snapshot.py)."""
+
+    keys: list[str]
+    h: np.ndarray  # [n, layers, hidden]
+    c: np.ndarray
+    last_y: np.ndarray  # [n, output_dim]
+    next_seq: np.ndarray  # [n]
+    idle: np.ndarray  # [n] seconds since last use
+
+
+class SessionStore:
+    def __init__(self, capacity: int, layers: int, hidden: int, output_dim: int) -> None:
+        self.capacity = capacity
+        self.h = np.zeros((layers, capacity, hidden), np.float32)
+        self.c = np.zeros((layers, capacity, hidden), np.float32)
+        self.last_y = np.zeros((capacity, output_dim), np.float32)
+        self.next_seq = np.zeros(capacity, np.int64)
+        # Bumped when a slot's session is created or reset: replay entries of an earlier
+        # generation never match again.
+        self.gen = np.zeros(capacity, np.int64)
+        self.last_used = np.zeros(capacity, np.float64)
+        # The newest replay entry of each slot's session (replay.py chains the older ones).
+        self.replay: np.ndarray = np.full(capacity, None, dtype=object)
+        self.replay_row = np.zeros(capacity, np.int64)
+        # Insertion order is recency order: the first key is the least recently used, so LRU
+        # eviction and TTL expiry look only at the front (O(1) per session removed).
+        self.slots: OrderedDict[str, int] = OrderedDict()
+        self.keys: list[str | None] = []
+        self._free: list[int] = []
+        self._high = 0
+        self._gen = 0
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.slots)
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """Slots of keys, -1 where absent."""
+        get = self.slots.get
+        return np.fromiter((get(k, -1) for k in keys), np.int64, len(keys))
+
+    def slot(self, key: str) -> int | None:
+        return self.slots.get(key)
+
+    def new_generations(self, n: int) -> np.ndarray:
+        first = self._gen + 1
+        self._gen += n
+        return np.arange(first, first + n, dtype=np.int64)
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def create(self, keys: Sequence[str], now: float | None = None) -> np.ndarray:
+        """New sessions with a zero state; the caller made room (make_room)."""
+        n = len(keys)
+        if n > self.free:
+            raise ResourceExhausted(f"session store full ({self.capacity} sessions)")
+        slots = np.empty(n, np.int64)
+        for i, key in enumerate(keys):
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot = self._high
+                self._high += 1
+                self.keys.append(None)
+            self.slots[key] = slot
+            self.keys[slot] = key
+            slots[i] = slot
+        self._zero(slots)
+        self.last_used[slots] = time.monotonic() if now is None else now
+        return slots
+
+    def _zero(self, slots: np.ndarray) -> None:
+        self.h[:, slots] = 0.0
+        self.c[:, slots] = 0.0
+        self.last_y[slots] = 0.0
+        self.next_seq[slots] = 0
+        self.gen[slots] = self.new_generations(len(slots))
+        self.replay[slots] = None
+
+    def reset(self, slot: int) -> None:
+        """A zero state and seq 0, as if the session had just begun."""
+        self._zero(np.array([slot], np.int64))
+
+    def remove(self, keys: Iterable[str]) -> int:
+        n = 0
+        for key in keys:
+            slot = self.slots.pop(key, None)
+            if slot is None:
+                continue
+            self.keys[slot] = None
+            self.replay[slot] = None  # let the session's replay entries go
+            self._free.append(slot)
+            n += 1
+        return n
+
+    def make_room(self, n_new: int, policy: CapPolicy, protect: set[str], label: str) -> list[str]:
+        """Free slots for n_new sessions; returns the keys evicted (least recently used first)."""
+        short = n_new - self.free
+        if short <= 0:
+            return []
+        if policy is CapPolicy.refuse:
+            raise ResourceExhausted(
+                f"model {label} holds its maximum of {self.capacity} sessions; "
+                f"end idle sessions or retry later"
+            )
+        victims: list[str] = []
+        for key in self.slots:  # least recently used first
+            if key not in protect:
+                victims.append(key)
+                if len(victims) == short:
+                    break
+        if len(victims) < short:
+            raise ResourceExhausted(
+                f"model {label} holds {self.capacity} sessions, all busy; retry later"
+            )
+        self.remove(victims)
+        return victims
+
+    def touch(self, keys: Sequence[str], slots: np.ndarray, now: float) -> None:
+        self.last_used[slots] = now
+        move = self.slots.move_to_end
+        for key in keys:
+            move(key)
+
+    def commit(
+        self,
+        slots: np.ndarray,
+        h: np.ndarray,
+        c: np.ndarray,
+        last_y: np.ndarray,
+        next_seq: np.ndarray,
+    ) -> None:
+        """Write the new state of sessions whose steps succeeded: h, c [layers, n, hidden]."""
+        self.h[:, slots] = h
+        self.c[:, slots] = c
+        self.last_y[slots] = last_y
+        self.next_seq[slots] = next_seq
+
+    def expired(self, ttl_s: float, now: float, protect: set[str]) -> list[str]:
+        """Sessions idle for longer than ttl_s, from the least recently used on."""
+        out = []
+        cutoff = now - ttl_s
+        for key, slot in self.slots.items():
+            if self.last_used[slot] >= cutoff:
+                break
+            if key not in protect:
+                out.append(key)
+        return out
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def capture(self, now: float | None = None) -> Captured:
+        keys = list(self.slots)
+        slots = np.fromiter(self.slots.values(), np.int64, len(keys))
+        now = time.monotonic() if now is None else now
+        return Captured(
+            keys,
+            self.h[:, slots].transpose(1, 0, 2).copy(),
+            self.c[:, slots].transpose(1, 0, 2).copy(),
+            self.last_y[slots].copy(),
+            self.next_seq[slots].copy(),
+            now - self.last_used[slots],
+        )
+
+    def restore(self, snap: Captured, now: float | None = None) -> int:
+        """Load captured sessions (the caller checked shapes); returns how many fit."""
+        n = min(len(snap.keys), self.free)
+        if n == 0:
+            return 0
+        now = time.monotonic() if now is None else now
+        # Oldest first, so the recency order survives the restart.
+        order = np.argsort(-snap.idle[:n], kind="stable")
+        keys = [snap.keys[i] for i in order]
+        slots = self.create(keys, now)
+        self.h[:, slots] = snap.h[order].transpose(1, 0, 2)
+        self.c[:, slots] = snap.c[order].transpose(1, 0, 2)
+        self.last_y[slots] = snap.last_y[order]
+        self.next_seq[slots] = snap.next_seq[order]
+        self.last_used[slots] = now - snap.idle[order]
+        return n

@@ -1,0 +1,218 @@
+"""The core alone, no gRPC: a scheduler over a store, with a runtime the test controls.
+
+The runtime is a tiny deterministic recurrence (not an LSTM) so that every answer can be
+computed by hand: h' = h + x.sum(), c' = c + 1, y = h'. What is checked is the scheduler's
+bookkeeping: order, batching, commit only on success, replay, and roll-outs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lstm_serve.core import frame as F
+from lstm_serve.core.errors import FailedPrecondition, NotFound, ResourceExhausted, SeqGap
+from lstm_serve.core.probes import no_probes
+from lstm_serve.core.replay import ReplayCache
+from lstm_serve.core.rollout import Rollout, Sampling
+from lstm_serve.core.scheduler import Limits, Scheduler
+from lstm_serve.core.store import CapPolicy, SessionStore
+
+LAYERS, HIDDEN, DIM = 1, 1, 1
+
+
+class Counting:
+    """y_t = h_t, h_t = h_{t-1} + x_t; records the batch sizes it saw; can be made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+        self.fail = False
+        self.gate: threading.Event | None = None
+
+    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> Any:
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("boom")
+        self.batches.append((x.shape[0], x.shape[1]))
+        h = h0[0, :, 0][:, None] + np.cumsum(x[:, :, 0], axis=1)  # [B, T]
+        y = h[:, :, None].astype(np.float32)
+        hn = h[:, -1][None, :, None].astype(np.float32)
+        return y, hn, c0 + 1
+
+
+def make(limits: Limits | None = None, capacity: int = 64) -> tuple[Scheduler, Counting]:
+    rt = Counting()
+    store = SessionStore(capacity, LAYERS, HIDDEN, DIM)
+    sched = Scheduler(
+        rt, store, ReplayCache(1 << 20), no_probes(), limits or Limits(), "test", token=False
+    )
+    return sched, rt
+
+
+def steps(*values: float) -> np.ndarray:
+    return np.asarray(values, np.float32).reshape(-1, 1)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_requests_of_one_tick_share_one_inference_call() -> None:
+    async def main() -> None:
+        sched, rt = make()
+        futs = [sched.submit_step(F.single(f"s{i}", steps(i)), [f"s{i}"], None) for i in range(8)]
+        results = await asyncio.gather(*futs)
+        assert rt.batches == [(8, 1)]
+        assert [float(r.y[0, 0, 0]) for r in results] == list(range(8))
+        assert sched.ticks == 1
+
+    run(main())
+
+
+def test_one_session_is_never_in_two_places_of_a_batch_and_keeps_its_order() -> None:
+    async def main() -> None:
+        sched, rt = make()
+        a = [sched.submit_step(F.single("a", steps(1, 1)), ["a"], None) for _ in range(3)]
+        b = sched.submit_step(F.single("b", steps(5)), ["b"], None)
+        res = await asyncio.gather(*a, b)
+        # a's three requests ran in three ticks, in order; b rode the first.
+        assert [r.seq.tolist() for r in res[:3]] == [[0], [2], [4]]
+        assert [r.y[0, :, 0].tolist() for r in res[:3]] == [[1, 2], [3, 4], [5, 6]]
+        assert sched.ticks == 3 and sorted(rt.batches[:2]) == [(1, 1), (1, 2)]
+
+    run(main())
+
+
+def test_a_failed_inference_changes_nothing() -> None:
+    async def main() -> None:
+        sched, rt = make()
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        before = sched.store.h.copy(), sched.store.next_seq.copy()
+        rt.fail = True
+        with pytest.raises(RuntimeError):
+            await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        with pytest.raises(RuntimeError):
+            await sched.submit_step(F.single("new", steps(1)), ["new"], None)
+        assert np.array_equal(sched.store.h, before[0])
+        assert np.array_equal(sched.store.next_seq, before[1])
+        assert sched.store.slot("new") is None
+        rt.fail = False
+        r = await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        assert r.next_seq.tolist() == [2]
+
+    run(main())
+
+
+def test_a_frame_is_all_or_nothing() -> None:
+    async def main() -> None:
+        sched, _ = make()
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        fr = F.from_rows(["a", "b"], [steps(1), steps(1)], np.array([5, 0]), np.zeros(2, bool))
+        with pytest.raises(SeqGap):
+            await sched.submit_step(fr, ["a", "b"], None)
+        assert sched.store.slot("b") is None
+        fr = F.from_rows(["a", "c"], [steps(1), steps(1)], np.array([1, 3]), np.zeros(2, bool))
+        with pytest.raises(NotFound):
+            await sched.submit_step(fr, ["a", "c"], None)
+        assert int(sched.store.next_seq[sched.store.slot("a")]) == 1
+
+    run(main())
+
+
+def test_retry_is_replayed_and_other_data_is_refused() -> None:
+    async def main() -> None:
+        sched, rt = make()
+        first = await sched.submit_step(F.single("a", steps(2), seq=0), ["a"], None)
+        again = await sched.submit_step(F.single("a", steps(2), seq=0), ["a"], None)
+        assert again.replayed.tolist() == [True] and again.y[0].tolist() == first.y[0].tolist()
+        assert len(rt.batches) == 1
+        with pytest.raises(FailedPrecondition):
+            await sched.submit_step(F.single("a", steps(3), seq=0), ["a"], None)
+
+    run(main())
+
+
+def test_mixed_step_counts_run_in_groups() -> None:
+    async def main() -> None:
+        sched, rt = make()
+        fr = F.from_rows(
+            ["a", "b", "c"],
+            [steps(1), steps(1, 1), steps(2)],
+            np.full(3, F.APPEND),
+            np.zeros(3, bool),
+        )
+        r = await sched.submit_step(fr, ["a", "b", "c"], None)
+        assert sorted(rt.batches) == [(1, 2), (2, 1)]
+        assert [y[:, 0].tolist() for y in r.y] == [[1.0], [1.0, 2.0], [2.0]]
+        assert r.next_seq.tolist() == [1, 2, 1]
+
+    run(main())
+
+
+def test_forecast_rolls_out_inside_the_ticks_and_commits() -> None:
+    async def main() -> None:
+        sched, rt = make()
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        loop = asyncio.get_running_loop()
+        ro = Rollout("a", "a", 3, True, Sampling(), False, None, loop.create_future(), None, 0.0)
+        other = sched.submit_step(F.single("b", steps(1)), ["b"], None)
+        res = await sched.submit_rollout(ro)
+        await other
+        # y fed back: h = 1 -> 2 -> 4 -> 8; predictions are the last outputs before each step.
+        assert res.y[:, 0].tolist() == [1.0, 2.0, 4.0]
+        assert res.next_seq == 4
+        assert int(sched.store.next_seq[sched.store.slot("a")]) == 4
+        assert (2, 1) in rt.batches  # b's step shared a tick with the roll-out
+
+    run(main())
+
+
+def test_cap_refuse_and_evict_lru() -> None:
+    async def main() -> None:
+        sched, _ = make(capacity=2)
+        for sid in ("a", "b"):
+            await sched.submit_step(F.single(sid, steps(1)), [sid], None)
+        with pytest.raises(ResourceExhausted):
+            await sched.submit_step(F.single("c", steps(1)), ["c"], None)
+        sched.limits = Limits(cap_policy=CapPolicy.evict_lru)
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)  # b is now the LRU
+        await sched.submit_step(F.single("c", steps(1)), ["c"], None)
+        assert sched.store.slot("b") is None and sched.store.slot("a") is not None
+
+    run(main())
+
+
+def test_large_batches_run_in_the_executor_and_the_loop_stays_free() -> None:
+    async def main() -> None:
+        sched, rt = make(Limits(inline_max_steps=0))
+        rt.gate = threading.Event()
+        fut = sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        await asyncio.sleep(0.05)
+        assert not fut.done() and sched.busy("a")  # held in the executor; the loop runs on
+        rt.gate.set()
+        assert (await fut).next_seq.tolist() == [1]
+        sched.close()
+
+    run(main())
+
+
+def test_a_request_behind_a_session_operation_is_not_left_waiting() -> None:
+    """A reset admitted in a tick with no inference holds its session; the step queued behind
+    it must get a tick of its own (it once waited forever)."""
+
+    async def main() -> None:
+        sched, _ = make()
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        reset = sched.submit_op("reset", "a", "a", "ResetSession")
+        step = sched.submit_step(F.single("a", steps(2)), ["a"], None)
+        status = await asyncio.wait_for(reset, 2)
+        result = await asyncio.wait_for(step, 2)
+        assert status.next_seq == 0
+        assert result.seq.tolist() == [0] and result.y[0, 0, 0] == 2.0
+
+    run(main())
