@@ -79,7 +79,7 @@ class Metrics:
             ),
             queue_seconds=Histogram(
                 "lstm_serve_queue_seconds",
-                "Time a session's steps waited in the batcher queue before their batch ran.",
+                "Time a request waited in the scheduler's queue before its tick took it.",
                 ["model"],
                 buckets=LATENCY_BUCKETS,
                 registry=r,
