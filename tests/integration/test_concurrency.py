@@ -1,4 +1,4 @@
-"""Concurrency (DESIGN.md invariant 5): no output ever mixes two sessions' state.
+"""Concurrency (invariant 5, docs/architecture.md): no output ever mixes two sessions' state.
 
 Many threads step (alone and in frames), reset, end, read and forecast the same few sessions
 while the reaper expires them (tiny TTL) and the session cap evicts them (evict_lru), so arena

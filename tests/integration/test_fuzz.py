@@ -1,4 +1,4 @@
-"""Fuzzing a live server (DESIGN.md invariant 8): bad input gets a clear status, never crashes
+"""Fuzzing a live server (invariant 8, docs/architecture.md): bad input gets a clear status, never crashes
 the server and never touches a session's state.
 
 Hypothesis drives at least 10,000 random and malformed requests through Predict, Stream,

@@ -1,4 +1,4 @@
-"""DESIGN.md invariants 1, 2, 4, 5, 6 against a real server on a loopback port."""
+"""Invariants 1, 2, 4, 5, 6 (docs/architecture.md) against a real server on a loopback port."""
 
 from __future__ import annotations
 

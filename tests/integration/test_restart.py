@@ -1,4 +1,4 @@
-"""Restart (DESIGN.md invariant 7) against a real `lstm-serve serve` subprocess.
+"""Restart (invariant 7, docs/architecture.md) against a real `lstm-serve serve` subprocess.
 
 SIGTERM: drain, snapshot, exit; a start on the same snapshot directory continues every session
 exactly. SIGKILL: what survives is the last periodic snapshot, and GetSession's next_seq says

@@ -80,7 +80,7 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
 
 
 class ModelRuntime:
-    """Runs one model version: run(x, h0, c0) -> (y, hn, cn) with the DESIGN.md graph contract."""
+    """Runs one model version: run(x, h0, c0) -> (y, hn, cn) with the graph contract in docs/architecture.md."""
 
     def __init__(self, mv: ModelVersion, choice: DeviceChoice, intra_op_threads: int = 1) -> None:
         self.mv = mv

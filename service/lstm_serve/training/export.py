@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 CHECKPOINT_FORMAT = "lstm-serve-checkpoint/1"
-# Max |ORT - torch| over y, hn, cn (DESIGN.md invariant 3). Read at call time, so a test can
+# Max |ORT - torch| over y, hn, cn (invariant 3, docs/architecture.md). Read at call time, so a test can
 # tighten it to prove the refusal path.
 PARITY_TOLERANCE = 1e-5
 # The trace runs at one (batch, time); parity also runs at others, so a shape baked into the

@@ -1,6 +1,6 @@
 """The PyTorch models lstm-serve trains and exports (torch is a training-only dependency).
 
-Both wrap one nn.LSTM (batch_first) and follow the graph contract in DESIGN.md:
+Both wrap one nn.LSTM (batch_first) and follow the graph contract in docs/architecture.md:
 forward(x, h0, c0) -> (y, hn, cn), with h0/c0 shaped [layers, batch, hidden].
 """
 
