@@ -40,12 +40,6 @@ class Frame:
     def uniform(self) -> bool:
         return len(self.blocks) == 1
 
-    def steps(self) -> np.ndarray:
-        out = np.empty(len(self.ids), np.int64)
-        for b in self.blocks:
-            out[b.rows] = b.x.shape[1]
-        return out
-
 
 def single(session_id: str, x: np.ndarray, seq: int | None = None, reset: bool = False) -> Frame:
     """A frame of one session: x is [steps, input_dim] (or [steps] token ids)."""

@@ -62,10 +62,6 @@ class StepResult:
     replayed: np.ndarray  # bool [n]
     y: np.ndarray | list[np.ndarray]  # per session [steps, output_dim]; an ndarray when uniform
 
-    @property
-    def uniform(self) -> bool:
-        return isinstance(self.y, np.ndarray)
-
 
 @dataclass(slots=True)
 class SessionStatus:
@@ -126,7 +122,6 @@ class _Tick:
     digests: np.ndarray
     created: np.ndarray  # rows whose session this tick created
     parts: list[_Part]
-    t_admit: float
 
 
 class Scheduler:
@@ -289,7 +284,7 @@ class Scheduler:
                 self._fail(r, DeadlineExceeded("the deadline passed during the forecast"))
         if not jobs and not self.rollouts:
             return
-        tick = self._prepare(jobs, taken, t_admit)
+        tick = self._prepare(jobs, taken)
         if not tick.parts:
             self._finish(tick, [])
             return
@@ -302,7 +297,7 @@ class Scheduler:
         self._inflight = tick
         fut.add_done_callback(lambda f: self._finish(tick, f.result()))
 
-    def _prepare(self, jobs: list[StepJob], taken: set[str], t_admit: float) -> _Tick:
+    def _prepare(self, jobs: list[StepJob], taken: set[str]) -> _Tick:
         store = self.store
         n_jobs = len(jobs)
         if n_jobs == 0:  # roll-outs only
@@ -420,7 +415,7 @@ class Scheduler:
                     )
                 )
         created_rows = np.concatenate(created) if created else np.empty(0, np.int64)
-        return _Tick(jobs, offsets, plan, ok, keys, digests, created_rows, parts, t_admit)
+        return _Tick(jobs, offsets, plan, ok, keys, digests, created_rows, parts)
 
     def _run_parts(self, parts: list[_Part]) -> list[Outputs | BaseException]:
         """Run every part (in the executor or inline): outputs, or the exception it raised."""
