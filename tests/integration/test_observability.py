@@ -163,6 +163,12 @@ def test_sessions_gauge_follows_live_sessions(server: ServerThread, client: Clie
     assert gauge() == start
 
 
+def test_capacity_gauge_states_the_session_cap(server: ServerThread) -> None:
+    # The near-cap alert and the dashboard divide by it: it must exist for every loaded model.
+    cap = server.settings.max_sessions
+    assert value(scrape(server), "lstm_serve_sessions_capacity", **TINY) == cap
+
+
 def test_stream_metrics(server: ServerThread, client: Client) -> None:
     before = scrape(server)
     x = xs(20, 6)

@@ -138,6 +138,7 @@ class Engine:
             self._restore(lm)
             self.models[mv.key] = lm
             probes.sessions.set(len(store))
+            probes.capacity.set(s.max_sessions)
             logger.info(
                 "model %s loaded (%s, %d layers x %d hidden, %s, %d sessions restored)",
                 label, m.kind.value, m.layers, m.hidden_size, runtime.device, len(store),

@@ -28,6 +28,7 @@ class Probes:
     batch_size: Observer
     steps: Incrementer
     sessions: Setter
+    capacity: Setter
     evicted_lru: Incrementer
     evicted_ttl: Incrementer
     # (method, status code name) -> the counter of such requests
@@ -47,4 +48,4 @@ class _Nothing:
 
 def no_probes() -> Probes:
     n = _Nothing()
-    return Probes(n, n, n, n, n, n, n, n, lambda method, code: n)
+    return Probes(n, n, n, n, n, n, n, n, n, lambda method, code: n)

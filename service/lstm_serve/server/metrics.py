@@ -57,6 +57,7 @@ class Metrics:
             batch_size=self.batch_size.labels(label),
             steps=self.steps.labels(label),
             sessions=self.sessions.labels(label),
+            capacity=self.sessions_capacity.labels(label),
             evicted_lru=self.sessions_evicted.labels(label, "lru"),
             evicted_ttl=self.sessions_evicted.labels(label, "ttl"),
             requests=lambda method, code: self._request(label, method, code),
