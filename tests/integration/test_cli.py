@@ -117,6 +117,36 @@ def test_health_against_a_closed_port() -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("predict", "--model", "tiny", "--session", "s"),
+        ("stream", "--model", "tiny", "--session", "s"),
+        ("forecast", "--model", "tiny", "--session", "s", "--horizon", "2"),
+    ],
+    ids=lambda a: a[0],
+)
+def test_client_commands_without_a_server_fail_in_one_line(args: tuple[str, ...]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = cli(*args, "--target", f"127.0.0.1:{port}", stdin="1,2,3\n")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: UNAVAILABLE") and f"127.0.0.1:{port}" in line
+
+
+def test_a_missing_input_file_fails_in_one_line(server: ServerThread, tmp_path: Path) -> None:
+    proc = cli(
+        "predict", "--target", server.target, "--model", "tiny", "--session", "s",
+        "--input", str(tmp_path / "missing.csv"),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error:") and "missing.csv" in line
+
+
 # -- predict / stream ------------------------------------------------------------------------
 
 

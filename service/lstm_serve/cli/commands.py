@@ -166,13 +166,9 @@ def run_predict(args: argparse.Namespace) -> int:
             )
         else:
             steps = session_steps(args.session, list(_csv_rows(f)), seq=args.seq, reset=args.reset)
-        try:
-            [out] = client.step(
-                step_request(args.model, [steps], args.version, top_k=args.top_k if vocab else 0)
-            )
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+        [out] = client.step(
+            step_request(args.model, [steps], args.version, top_k=args.top_k if vocab else 0)
+        )
         _print_outputs(out.seq, out.y, out.top_k, list(vocab) if vocab else None)
     return 0
 
@@ -189,27 +185,23 @@ def run_stream(args: argparse.Namespace) -> int:
         names = list(vocab) if vocab else None
         stream = SessionStream(client, args.model, args.session, args.version)
         k = args.top_k if vocab else 0
-        try:
-            with stream:
-                if vocab is not None:
-                    ids = _token_ids(f.read(), vocab)
-                    for i in range(0, len(ids), args.chunk):
-                        out = stream.send(tokens=ids[i : i + args.chunk], top_k=k)
-                        _print_outputs(out.seq, out.y, out.top_k, names)
-                else:
-                    chunk: list[list[float]] = []
-                    for row in _csv_rows(f):
-                        chunk.append(row)
-                        if len(chunk) == args.chunk:
-                            out = stream.send(chunk)
-                            _print_outputs(out.seq, out.y, out.top_k, names)
-                            chunk = []
-                    if chunk:
+        with stream:
+            if vocab is not None:
+                ids = _token_ids(f.read(), vocab)
+                for i in range(0, len(ids), args.chunk):
+                    out = stream.send(tokens=ids[i : i + args.chunk], top_k=k)
+                    _print_outputs(out.seq, out.y, out.top_k, names)
+            else:
+                chunk: list[list[float]] = []
+                for row in _csv_rows(f):
+                    chunk.append(row)
+                    if len(chunk) == args.chunk:
                         out = stream.send(chunk)
                         _print_outputs(out.seq, out.y, out.top_k, names)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+                        chunk = []
+                if chunk:
+                    out = stream.send(chunk)
+                    _print_outputs(out.seq, out.y, out.top_k, names)
     return 0
 
 
@@ -230,15 +222,11 @@ def add_forecast_arguments(p: argparse.ArgumentParser) -> None:
 def run_forecast(args: argparse.Namespace) -> int:
     with _client(args) as client:
         vocab = _vocab(client, args.model, args.version)
-        try:
-            out = client.forecast(
-                args.model, args.session, args.horizon, version=args.version,
-                temperature=args.temperature, top_k=args.sample_top_k, seed=args.seed,
-                commit=args.commit,
-            )  # fmt: skip
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+        out = client.forecast(
+            args.model, args.session, args.horizon, version=args.version,
+            temperature=args.temperature, top_k=args.sample_top_k, seed=args.seed,
+            commit=args.commit,
+        )  # fmt: skip
         if vocab is not None:
             names = list(vocab)
             print("".join(names[t] if len(names[t]) == 1 else "\ufffd" for t in out.tokens))

@@ -68,6 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(runner(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a command-line user gets one line, not a traceback
+        print(f"error: {describe(exc, args)}", file=sys.stderr)
+        logging.getLogger(__name__).debug("%s failed", args._name, exc_info=True)
+        return 1
+
+
+def describe(exc: BaseException, args: argparse.Namespace) -> str:
+    """One line for a failure: the gRPC status and its details, or the exception's message."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):  # a grpc.RpcError, without importing grpc here
+        where = getattr(args, "target", None)
+        suffix = f" (server {where})" if where else ""
+        return f"{code().name}: {details()}{suffix}"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":
