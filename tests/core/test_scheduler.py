@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from lstm_serve.core import frame as F
-from lstm_serve.core.errors import FailedPrecondition, NotFound, ResourceExhausted, SeqGap
+from lstm_serve.core.errors import (
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    SeqGap,
+    Unavailable,
+)
 from lstm_serve.core.probes import no_probes
 from lstm_serve.core.replay import ReplayCache
 from lstm_serve.core.rollout import Rollout, Sampling
@@ -31,6 +37,7 @@ class Counting:
     def __init__(self) -> None:
         self.batches: list[tuple[int, int]] = []
         self.fail = False
+        self.fatal = False
         self.gate: threading.Event | None = None
 
     def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> Any:
@@ -38,11 +45,17 @@ class Counting:
             self.gate.wait(10)
         if self.fail:
             raise RuntimeError("boom")
+        if self.fatal:
+            raise WorkerDeath("the thread is going down")
         self.batches.append((x.shape[0], x.shape[1]))
         h = h0[0, :, 0][:, None] + np.cumsum(x[:, :, 0], axis=1)  # [B, T]
         y = h[:, :, None].astype(np.float32)
         hn = h[:, -1][None, :, None].astype(np.float32)
         return y, hn, c0 + 1
+
+
+class WorkerDeath(BaseException):
+    """Not an Exception: what no per-batch handler catches, like a thread being torn down."""
 
 
 def make(limits: Limits | None = None, capacity: int = 64) -> tuple[Scheduler, Counting]:
@@ -214,5 +227,44 @@ def test_a_request_behind_a_session_operation_is_not_left_waiting() -> None:
         result = await asyncio.wait_for(step, 2)
         assert status.next_seq == 0
         assert result.seq.tolist() == [0] and result.y[0, 0, 0] == 2.0
+
+    run(main())
+
+
+def test_a_stalled_worker_fails_waiters_at_once_and_refuses_new_work() -> None:
+    async def main() -> None:
+        # inline_max_steps 0: every batch goes to the worker thread, where it hangs.
+        sched, rt = make(Limits(inline_max_steps=0, stall_s=0.2))
+        told: list[str] = []
+        sched.on_broken = told.append
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        rt.gate = threading.Event()
+        running = sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        queued = sched.submit_step(F.single("a", steps(2)), ["a"], None)
+        t0 = asyncio.get_running_loop().time()
+        for fut in (running, queued):
+            with pytest.raises(Unavailable, match="stalled"):
+                await fut
+        assert asyncio.get_running_loop().time() - t0 < 5  # not at the deadline: at once
+        assert len(told) == 1 and "model test is not serving" in told[0]
+        with pytest.raises(Unavailable):
+            sched.submit_step(F.single("b", steps(1)), ["b"], None)
+        rt.gate.set()  # the stalled call returns late: nothing of it is committed
+        await asyncio.sleep(0.1)
+        assert sched.store.next_seq[sched.store.slot("a")] == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("inline", [0, 32], ids=["thread", "inline"])
+def test_a_worker_that_dies_is_reported(inline: int) -> None:
+    async def main() -> None:
+        sched, rt = make(Limits(inline_max_steps=inline))
+        told: list[str] = []
+        sched.on_broken = told.append
+        rt.fatal = True
+        with pytest.raises(Unavailable, match="worker failed"):
+            await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        assert told and sched.broken is not None
 
     run(main())

@@ -330,3 +330,33 @@ def test_restart_continuity_through_snapshot_dir(
             rest = [stream.send(x[i : i + 4]).y for i in range(half, len(x), 4)]
     np.testing.assert_allclose(np.concatenate(first + rest), oracle.run(x)[0], atol=ATOL)
     assert p2.terminate() == 0
+
+
+def test_a_stalled_inference_worker_turns_the_model_not_serving(tiny_repo: Path) -> None:
+    """A worker that stops answering must not leave callers hanging behind a SERVING health."""
+    from tests.helpers.proxy import health_status
+
+    with (
+        ServerThread(model_repository=tiny_repo, inference_stall_s=0.3) as srv,
+        Client(srv.target) as c,
+    ):
+        c.predict("tinytok", "other", tokens=[1, 2], seq=0)
+        with inference_blocked(srv):
+            t0 = time.monotonic()
+            assert code_of(lambda: c.predict("tiny", "s", xs(1, 2), seq=0, timeout=20)) == (
+                grpc.StatusCode.UNAVAILABLE
+            )
+            assert time.monotonic() - t0 < 10  # at the stall limit, not the client's deadline
+            assert wait_until(lambda: health_status(srv.target) == "NOT_SERVING")
+            assert health_status(srv.target, service="tiny") == "NOT_SERVING"
+            # New work on the model is refused at once, with the reason.
+            with pytest.raises(grpc.RpcError) as info:
+                c.predict("tiny", "s2", xs(2, 1), seq=0, timeout=20)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "restart" in (info.value.details() or "")
+        registry = srv.server.metrics.registry
+        assert (
+            registry.get_sample_value("lstm_serve_worker_failures_total", {"model": "tiny:1"}) == 1
+        )
+        # The other model still answers.
+        assert c.predict("tinytok", "other", tokens=[3], seq=2).next_seq == 3

@@ -208,6 +208,55 @@ def test_inconsistent_snapshot_restores_nothing(tiny_repo: Path, tmp_path: Path)
         assert len(srv.engine.model("tiny").store) == 0
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["huge_seq", "negative_seq", "nan_state", "inf_output", "negative_idle", "huge_idle",
+     "empty_id", "control_char_id", "long_id"],
+)  # fmt: skip
+def test_snapshot_with_bad_values_is_moved_aside(
+    tiny_repo: Path, tmp_path: Path, damage: str
+) -> None:
+    """Right shapes, wrong values: the file is kept aside as .bad-*, the server starts empty
+    and serves (a next_seq of 2**63-1 once killed the inference worker)."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    s = _snapshot(["a", "b"], 2)
+    keys = list(s.keys)
+    h, y, seq, idle = s.h.copy(), s.last_y.copy(), s.next_seq.copy(), s.idle.copy()
+    if damage == "huge_seq":
+        seq[1] = 2**63 - 1
+    elif damage == "negative_seq":
+        seq[0] = -3
+    elif damage == "nan_state":
+        h[0, 0, 0] = np.nan
+    elif damage == "inf_output":
+        y[1, 0] = np.inf
+    elif damage == "negative_idle":
+        idle[0] = -5.0
+    elif damage == "huge_idle":
+        idle[0] = 1e300
+    elif damage == "empty_id":
+        keys[0] = ""
+    elif damage == "control_char_id":
+        keys[0] = "a\x00b"
+    else:
+        keys[0] = "x" * 257
+    write_snapshot(snap / "tiny-1.npz", Captured(keys, h, s.c, y, seq, idle), _meta(tiny_repo))
+    with ServerThread(model_repository=tiny_repo, snapshot_dir=snap, metrics_port=-1) as srv:
+        assert len(srv.engine.model("tiny").store) == 0
+        assert len(list(snap.glob("tiny-1.npz.bad-*"))) == 1
+        with Client(srv.target) as c:
+            assert c.predict("tiny", "b", np.ones((1, 3)), seq=0).next_seq == 1
+
+
+def test_snapshot_with_principal_keys_restores(tiny_repo: Path, tmp_path: Path) -> None:
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    write_snapshot(snap / "tiny-1.npz", _snapshot(["alice\x1fs1", "s2"], 2), _meta(tiny_repo))
+    with ServerThread(model_repository=tiny_repo, snapshot_dir=snap, metrics_port=-1) as srv:
+        assert len(srv.engine.model("tiny").store) == 2
+
+
 def test_snapshots_are_replaced_atomically(tiny_repo: Path, tmp_path: Path) -> None:
     """Periodic snapshots under load: a reader only ever sees whole files; no *.tmp is left."""
     snap = tmp_path / "snap"

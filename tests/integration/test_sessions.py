@@ -199,6 +199,25 @@ def test_cap_evict_lru_evicts_least_recently_used(tiny_repo: Path, oracle: OnePa
         assert evicted(srv, "lru") == 2
 
 
+def test_a_refused_frame_evicts_nothing(tiny_repo: Path) -> None:
+    """A frame of more new sessions than the cap can hold is refused before any eviction."""
+    with (
+        ServerThread(model_repository=tiny_repo, max_sessions=20, cap_policy="evict_lru") as srv,
+        Client(srv.target) as c,
+    ):
+        for i in range(20):
+            c.predict("tiny", f"old{i}", xs(i, 1), seq=0)
+        frame = [session_steps(f"new{i}", xs(100 + i, 1), seq=0) for i in range(21)]
+        with pytest.raises(grpc.RpcError) as info:
+            c.step(step_request("tiny", frame))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "21 new sessions" in (info.value.details() or "")
+        assert evicted(srv, "lru") == 0
+        assert live_sessions(srv) == 20
+        assert all(c.get_session("tiny", f"old{i}").exists for i in range(20))
+        assert not c.get_session("tiny", "new0").exists
+
+
 def test_cap_evict_lru_never_evicts_a_busy_session(tiny_repo: Path, oracle: OnePass) -> None:
     with (
         ServerThread(model_repository=tiny_repo, max_sessions=2, cap_policy="evict_lru") as srv,

@@ -48,6 +48,8 @@ class EngineSettings(Protocol):
     @property
     def inline_max_steps(self) -> int: ...
     @property
+    def inference_stall_s(self) -> float: ...
+    @property
     def max_steps_per_request(self) -> int: ...
     @property
     def max_sessions_per_request(self) -> int: ...
@@ -93,8 +95,7 @@ class LoadedModel:
 
 
 def session_key(principal: str, session_id: str) -> str:
-    # \x1f cannot appear in a session id (control characters are refused), so keys never collide.
-    return f"{principal}\x1f{session_id}" if principal else session_id
+    return f"{principal}{F.KEY_SEP}{session_id}" if principal else session_id
 
 
 class Engine:
@@ -115,6 +116,8 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_lock = asyncio.Lock()
         self.device = "cpu"
+        # Called with (model name, reason) when a model's inference worker dies or stalls.
+        self.on_model_failed: Callable[[str, str], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -122,7 +125,9 @@ class Engine:
         s = self.settings
         choice = choose_device(s.device)
         self.device = choice.device
-        limits = Limits(s.max_batch_size, s.max_queue, s.inline_max_steps, s.cap_policy)
+        limits = Limits(
+            s.max_batch_size, s.max_queue, s.inline_max_steps, s.cap_policy, s.inference_stall_s
+        )
         for mv in self.repository.all():
             m = mv.manifest
             label = f"{m.name}:{m.version}"
@@ -135,6 +140,7 @@ class Engine:
                 m.kind is Kind.token,
             )  # fmt: skip
             lm = LoadedModel(mv, sched, label)
+            sched.on_broken = lambda reason, name=m.name: self._model_failed(name, reason)
             self._restore(lm)
             self.models[mv.key] = lm
             probes.sessions.set(len(store))
@@ -147,6 +153,10 @@ class Engine:
         if s.snapshot_dir is not None and s.snapshot_interval_s > 0:
             self._tasks.append(asyncio.create_task(self._snapshot_forever()))
         self._accepting = True
+
+    def _model_failed(self, name: str, reason: str) -> None:
+        if self.on_model_failed is not None:
+            self.on_model_failed(name, reason)
 
     def stop_accepting(self) -> None:
         self._accepting = False

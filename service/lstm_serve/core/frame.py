@@ -17,6 +17,9 @@ from lstm_serve.core.errors import InvalidArgument
 
 APPEND = -1  # seq column: no seq given, append at the session's next seq
 MAX_SESSION_ID = 256
+# Joins a principal and a session id into a store key; control characters never appear in
+# either (they are refused), so keys of different principals never collide.
+KEY_SEP = "\x1f"
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -64,6 +67,10 @@ def from_rows(
             rows = np.flatnonzero(lengths == t)
             blocks.append(Block(rows, np.stack([xs[i] for i in rows.tolist()])))
     return Frame(ids, seq, reset, blocks)
+
+
+def valid_session_id(sid: str) -> bool:
+    return 0 < len(sid) <= MAX_SESSION_ID and sid.isprintable()
 
 
 def check_ids(ids: list[str], max_sessions: int) -> None:

@@ -31,6 +31,7 @@ class Probes:
     capacity: Setter
     evicted_lru: Incrementer
     evicted_ttl: Incrementer
+    worker_failures: Incrementer
     # (method, status code name) -> the counter of such requests
     requests: Callable[[str, str], Incrementer]
 
@@ -48,4 +49,4 @@ class _Nothing:
 
 def no_probes() -> Probes:
     n = _Nothing()
-    return Probes(n, n, n, n, n, n, n, n, n, lambda method, code: n)
+    return Probes(n, n, n, n, n, n, n, n, n, n, lambda method, code: n)

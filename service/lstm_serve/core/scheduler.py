@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -52,6 +53,7 @@ class Limits:
     max_queue: int = 4096  # most sessions waiting
     inline_max_steps: int = 32  # batches of up to this many session-steps run on the loop
     cap_policy: CapPolicy = CapPolicy.refuse
+    stall_s: float = 120.0  # an inference call longer than this is a dead worker
 
 
 @dataclass(slots=True)
@@ -156,6 +158,10 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._req_counters: dict[tuple[str, str], object] = {}
         self.ticks = 0
+        # Set when the inference worker died or stalled: the model then refuses all work.
+        self.broken: str | None = None
+        self.on_broken: Callable[[str], None] | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     # -- submitting ----------------------------------------------------------------------------
 
@@ -191,6 +197,8 @@ class Scheduler:
     def _enqueue(self, job: Job) -> None:
         if self._closed:
             raise Unavailable("server is shutting down")
+        if self.broken is not None:
+            raise Unavailable(self.broken)
         # Counted in sessions (a frame's rows); a request alone in the queue always fits.
         if self.queued and self.queued + job.rows > self.limits.max_queue:
             raise ResourceExhausted(
@@ -236,6 +244,10 @@ class Scheduler:
                 self._fail(job, exc)
             self.rollouts.clear()
             self._busy = False
+        except BaseException as exc:  # not an error of one batch: the worker itself is gone
+            self._break(f"inference worker failed ({type(exc).__name__})", exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
         finally:
             # Requests held back this tick (their session was taken) need another one.
             if not self._busy and (self.pending or self.rollouts):
@@ -295,7 +307,45 @@ class Scheduler:
         fut = self.loop.run_in_executor(self._executor, self._run_parts, tick.parts)
         self._busy = True
         self._inflight = tick
-        fut.add_done_callback(lambda f: self._finish(tick, f.result()))
+        self._stall_timer = self.loop.call_later(
+            self.limits.stall_s, self._break, f"inference stalled for over {self.limits.stall_s:g}s"
+        )
+        fut.add_done_callback(lambda f: self._done(tick, f))
+
+    def _done(self, tick: _Tick, fut: asyncio.Future[list[Outputs | BaseException]]) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self._inflight is not tick:
+            return  # the model was marked broken while this ran: its callers have their answer
+        exc = fut.exception()
+        if exc is not None:  # _run_parts contains each batch's errors: this is the worker
+            self._break(f"inference worker failed ({type(exc).__name__})", exc)
+            return
+        self._finish(tick, fut.result())
+
+    def _break(self, reason: str, exc: BaseException | None = None) -> None:
+        """The worker died or stalled: fail everything waiting at once with UNAVAILABLE, refuse
+        new work, and tell the owner (health turns NOT_SERVING) and the metrics."""
+        if self.broken is not None:
+            return
+        self.broken = f"model {self.label} is not serving: {reason}; the server needs a restart"
+        logger.error("%s: %s", self.label, self.broken, exc_info=exc)
+        self.probes.worker_failures.inc()
+        err = Unavailable(self.broken)
+        waiting: list[Job] = [*self._admitted, *self.pending, *self.rollouts]
+        if self._inflight is not None:
+            waiting += self._inflight.jobs
+        for job in waiting:
+            if not job.future.done():
+                self._fail(job, err)
+        self.pending.clear()
+        self.rollouts.clear()
+        self.queued = 0
+        self._inflight = None
+        self._busy = False
+        if self.on_broken is not None:
+            self.on_broken(self.broken)
 
     def _prepare(self, jobs: list[StepJob], taken: set[str]) -> _Tick:
         store = self.store

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lstm_serve.core.frame import KEY_SEP, valid_session_id
 from lstm_serve.core.store import Captured
+
+# Far beyond any real stream, and far enough below 2**63 that next_seq + steps never overflows.
+MAX_SEQ = 2**62
+MAX_IDLE_S = 10 * 365 * 86400.0
 
 
 def write_snapshot(path: Path, snap: Captured, meta: dict[str, object]) -> None:
@@ -60,9 +65,19 @@ def read_snapshot(
         raise ValueError(f"{path}: keys are not {n} distinct strings")
     if not (np.isfinite(h).all() and np.isfinite(c).all() and np.isfinite(y).all()):
         raise ValueError(f"{path}: state has NaN or Inf")
-    if (seq < 0).any() or not np.isfinite(idle).all():
-        raise ValueError(f"{path}: negative next_seq or bad idle times")
+    if not np.issubdtype(seq.dtype, np.integer) or (seq < 0).any() or (seq > MAX_SEQ).any():
+        raise ValueError(f"{path}: next_seq outside 0..{MAX_SEQ}")
+    if not np.isfinite(idle).all() or (idle < 0).any() or (idle > MAX_IDLE_S).any():
+        raise ValueError(f"{path}: idle times outside 0..{MAX_IDLE_S:g}s")
+    for key in keys:
+        *principal, sid = key.split(KEY_SEP)
+        if (
+            not valid_session_id(sid)
+            or len(principal) > 1
+            or (principal and not (principal[0] and principal[0].isprintable()))
+        ):
+            raise ValueError(f"{path}: invalid session key {key[:300]!r}")
     return Captured(
         keys, h.astype(np.float32), c.astype(np.float32), y.astype(np.float32),
-        seq.astype(np.int64), np.maximum(idle.astype(np.float64), 0.0),
+        seq.astype(np.int64), idle.astype(np.float64),
     )  # fmt: skip

@@ -138,6 +138,11 @@ class SessionStore:
                 f"model {label} holds its maximum of {self.capacity} sessions; "
                 f"end idle sessions or retry later"
             )
+        if n_new > self.capacity:
+            raise ResourceExhausted(
+                f"the request starts {n_new} new sessions; model {label} holds at most "
+                f"{self.capacity}"
+            )
         victims: list[str] = []
         for key in self.slots:  # least recently used first
             if key not in protect:

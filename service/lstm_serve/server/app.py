@@ -50,6 +50,7 @@ class LstmServer:
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         s = self.settings
@@ -59,6 +60,7 @@ class LstmServer:
         if not repo.models:
             raise RuntimeError(f"no loadable model in {s.model_repository}")
         self.engine = Engine(s, repo, self.metrics.probes, self.metrics.count_request)
+        self.engine.on_model_failed = self._model_failed
         await self.engine.start()
         interceptors: list[Interceptor] = [StatusInterceptor(self.metrics)]
         tokens = load_tokens(s.auth_tokens_file, s.auth_tokens)
@@ -107,6 +109,16 @@ class LstmServer:
             s.host, self.port, "TLS" if s.tls_cert else "plaintext", s.metrics_host,
             self.metrics_port, ", ".join(lm.label for lm in self.engine.models.values()),
         )  # fmt: skip
+
+    def _model_failed(self, name: str, reason: str) -> None:
+        # A model that cannot answer makes the server unfit for traffic: orchestrators restart
+        # it on the server's health ("") and load balancers eject it.
+        async def mark() -> None:
+            for service in (name, SERVICE_NAME, ""):
+                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        self._background.add(task := asyncio.ensure_future(mark()))
+        task.add_done_callback(self._background.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new work, drain, snapshot, close. Safe to call again,

@@ -29,6 +29,7 @@ class Metrics:
     sessions: Gauge
     sessions_capacity: Gauge
     sessions_evicted: Counter
+    worker_failures: Counter
     requests: Counter
     grpc_started: Counter
     grpc_handled: Counter
@@ -60,6 +61,7 @@ class Metrics:
             capacity=self.sessions_capacity.labels(label),
             evicted_lru=self.sessions_evicted.labels(label, "lru"),
             evicted_ttl=self.sessions_evicted.labels(label, "ttl"),
+            worker_failures=self.worker_failures.labels(label),
             requests=lambda method, code: self._request(label, method, code),
         )
 
@@ -121,6 +123,13 @@ class Metrics:
                 "lstm_serve_sessions_evicted_total",
                 "Sessions removed by the server: reason ttl (idle expiry) or lru (session cap).",
                 ["model", "reason"],
+                registry=r,
+            ),
+            worker_failures=Counter(
+                "lstm_serve_worker_failures_total",
+                "Inference workers that died or stalled: the model answers UNAVAILABLE and its "
+                "health is NOT_SERVING until the process restarts.",
+                ["model"],
                 registry=r,
             ),
             requests=Counter(

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Batches of up to this many session-steps run ONNX Runtime on the event loop; larger ones in a thread (0: always a thread).",
     )
+    inference_stall_s: float = Field(
+        120.0,
+        gt=0,
+        description="An inference call running longer than this counts as a dead worker: its model answers UNAVAILABLE and turns NOT_SERVING.",
+    )
     max_queue: int = Field(
         4096,
         ge=1,
