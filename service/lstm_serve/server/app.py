@@ -36,6 +36,31 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
 
 
+def connection_options(s: Settings) -> list[tuple[str, int]]:
+    """HTTP/2 connection limits: dead, idle and half-open connections are closed, none lives
+    forever, and one connection cannot open unbounded streams."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return [
+        ("grpc.keepalive_time_ms", ms(s.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout_s)),
+        # Any ping the peer leaves unanswered this long closes the connection, and pings go
+        # out even on a connection with nothing to send (a peer stuck mid-message).
+        ("grpc.http2.ping_timeout_ms", ms(s.keepalive_timeout_s)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_connection_idle_ms", ms(s.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(s.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(s.max_connection_age_grace_s)),
+        ("grpc.server_handshake_timeout_ms", ms(s.handshake_timeout_s)),
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+        # Let clients keep their own keepalive pings (every 10 s or slower) without GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
 class LstmServer:
     """One lstm-serve process: start(), then stop() (graceful) or wait()."""
 
@@ -70,6 +95,7 @@ class LstmServer:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *connection_options(s),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_LstmServeServicer_to_server(

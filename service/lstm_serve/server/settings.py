@@ -65,6 +65,39 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes."
     )
+    keepalive_time_s: float = Field(
+        60.0,
+        gt=0,
+        description="The server pings a connection after this long without activity, to find dead peers.",
+    )
+    keepalive_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="A connection whose peer does not answer a ping within this is closed (also half-open ones holding a half-sent message).",
+    )
+    max_connection_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="A connection with no open call for this long is closed (GOAWAY; clients reconnect on their next call).",
+    )
+    max_connection_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Connections are asked to reconnect after this long, so load spreads over new replicas.",
+    )
+    max_connection_age_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="Calls still open when a connection reaches its age get this long to finish.",
+    )
+    handshake_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="A new connection that has not finished its TLS/HTTP2 handshake within this is closed.",
+    )
+    max_concurrent_streams: int = Field(
+        256, ge=1, description="Most calls open at once on one connection (HTTP/2 streams)."
+    )
     max_inflight_per_stream: int = Field(
         32, ge=1, description="Requests of one stream being worked on at once (pipelining window)."
     )
