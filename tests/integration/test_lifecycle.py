@@ -360,3 +360,23 @@ def test_a_stalled_inference_worker_turns_the_model_not_serving(tiny_repo: Path)
         )
         # The other model still answers.
         assert c.predict("tinytok", "other", tokens=[3], seq=2).next_seq == 3
+
+
+def test_a_session_stream_retry_leaves_the_clients_other_streams_alone(tiny_repo: Path) -> None:
+    """One stream retrying (its model answers UNAVAILABLE) must not cut the client's channel
+    under its other streams."""
+    with (
+        ServerThread(model_repository=tiny_repo, inference_stall_s=0.3) as srv,
+        Client(srv.target) as c,
+    ):
+        a = c.session("tiny", "a", start_seq=0, max_retries=2, backoff_s=0.01)
+        b = c.session("tinytok", "b", start_seq=0)
+        assert a.send(xs(1, 1)).next_seq == 1
+        assert b.send(tokens=[1]).next_seq == 1
+        with inference_blocked(srv), pytest.raises(grpc.RpcError) as info:
+            a.send(xs(2, 1))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and a.reconnects == 2
+        assert b.send(tokens=[2]).next_seq == 2
+        assert b.reconnects == 0
+        a.close()
+        b.close()

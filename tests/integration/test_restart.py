@@ -21,7 +21,7 @@ import pytest
 
 from lstm_serve.client import Client, session_steps, step_request
 from lstm_serve.core.snapshot import write_snapshot
-from lstm_serve.core.store import Captured
+from lstm_serve.core.store import Captured, CapturedReplay
 from tests.helpers.proxy import ServeProcess, health_status
 from tests.helpers.server import OnePass, ServerThread
 
@@ -70,6 +70,8 @@ def test_sigterm_restart_continues_every_session_exactly(
         for phase in range(3):
             a, b = bounds[phase], bounds[phase + 1]
             with Client(proc.target, timeout=10) as c:
+                if phase:
+                    _retries_after_restart(c, xs, outputs, bounds[phase - 1], a)
                 for (model, sid), x in xs.items():
                     if phase:  # the restarted server knows exactly where each session was
                         st = c.get_session(model, sid)
@@ -81,13 +83,6 @@ def test_sigterm_restart_continues_every_session_exactly(
                                 outputs[(model, sid)].append(res.y)
                     else:
                         outputs[(model, sid)].append(_send(c, model, sid, x[a:b], a))
-                if phase:
-                    # The replay cache is not persisted: a retry of a request answered before
-                    # the restart is refused (FAILED_PRECONDITION), never applied twice.
-                    with pytest.raises(grpc.RpcError) as err:
-                        c.predict("tiny", "r0", xs[("tiny", "r0")][a - 1 : a], seq=a - 1)
-                    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-                    assert f"expected seq {b}" in (err.value.details() or "")
             if phase < 2:
                 assert proc.terminate() == 0
                 assert sorted(p.name for p in snap.iterdir()) == ["tiny-1.npz", "tinytok-1.npz"]
@@ -101,6 +96,28 @@ def test_sigterm_restart_continues_every_session_exactly(
         y = oracles[model].run(x)[0]
         np.testing.assert_allclose(np.concatenate(outputs[(model, sid)]), y, atol=ATOL)
     assert "Traceback" not in proc.log()
+
+
+def _retries_after_restart(
+    c: Client,
+    xs: dict[tuple[str, str], np.ndarray],
+    outputs: dict[tuple[str, str], list[np.ndarray]],
+    a_prev: int,
+    a: int,
+) -> None:
+    """The snapshot keeps each session's last answer: a retry of the last request answered
+    before the restart gets that answer again; an older one is refused; neither is applied."""
+    last = c.predict("tinytok", "t0", tokens=xs[("tinytok", "t0")][a_prev:a].tolist(), seq=a_prev)
+    assert last.replayed and last.next_seq == a
+    np.testing.assert_array_equal(last.y, outputs[("tinytok", "t0")][-1])
+    k = max(range(a_prev, a, 4))  # the stream's last chunk
+    chunk = c.predict("tiny", "r0", xs[("tiny", "r0")][k:a], seq=k)
+    assert chunk.replayed and chunk.next_seq == a
+    np.testing.assert_array_equal(chunk.y, outputs[("tiny", "r0")][-1])
+    with pytest.raises(grpc.RpcError) as err:
+        c.predict("tiny", "r0", xs[("tiny", "r0")][k - 4 : k], seq=k - 4)
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert f"expected seq {a}" in (err.value.details() or "")
 
 
 def test_sigkill_keeps_exactly_the_last_periodic_snapshot(
@@ -211,7 +228,7 @@ def test_inconsistent_snapshot_restores_nothing(tiny_repo: Path, tmp_path: Path)
 @pytest.mark.parametrize(
     "damage",
     ["huge_seq", "negative_seq", "nan_state", "inf_output", "negative_idle", "huge_idle",
-     "empty_id", "control_char_id", "long_id"],
+     "empty_id", "control_char_id", "long_id", "replay_ahead", "replay_nan"],
 )  # fmt: skip
 def test_snapshot_with_bad_values_is_moved_aside(
     tiny_repo: Path, tmp_path: Path, damage: str
@@ -239,9 +256,20 @@ def test_snapshot_with_bad_values_is_moved_aside(
         keys[0] = ""
     elif damage == "control_char_id":
         keys[0] = "a\x00b"
-    else:
+    elif damage == "long_id":
         keys[0] = "x" * 257
-    write_snapshot(snap / "tiny-1.npz", Captured(keys, h, s.c, y, seq, idle), _meta(tiny_repo))
+    # seqs are 5 and 6: a last answer of 2 steps from seq 3 (ahead: from seq 5) for "a".
+    start = 5 if damage == "replay_ahead" else 3
+    ry = np.ones((2, 3), np.float32)
+    if damage == "replay_nan":
+        ry[1, 1] = np.nan
+    replay = CapturedReplay(
+        np.array([0]), np.array([start]), np.array([start + 2]), np.array([False]),
+        np.array([7], np.uint64), np.array([2]), ry,
+    )  # fmt: skip
+    write_snapshot(
+        snap / "tiny-1.npz", Captured(keys, h, s.c, y, seq, idle, replay), _meta(tiny_repo)
+    )
     with ServerThread(model_repository=tiny_repo, snapshot_dir=snap, metrics_port=-1) as srv:
         assert len(srv.engine.model("tiny").store) == 0
         assert len(list(snap.glob("tiny-1.npz.bad-*"))) == 1

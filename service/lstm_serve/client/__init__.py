@@ -181,6 +181,10 @@ class Connection:
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+            # After a server restart, be back within a fraction of a second, not gRPC's 1-120 s.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
 
     def credentials(self) -> grpc.ChannelCredentials | None:
@@ -364,8 +368,9 @@ class SessionStream:
                 if code not in RETRYABLE or attempt == self.max_retries:
                     raise
                 self.reconnects += 1
+                # A new call on the same channel: the channel reconnects by itself, and the
+                # client's other streams on it are left alone.
                 threading.Event().wait(self.backoff_s * (2**attempt))
-                self.client.reconnect()
         raise AssertionError("unreachable")
 
 

@@ -432,7 +432,7 @@ class Engine:
             path.replace(kept)
             logger.exception("%s: snapshot %s not restored (kept as %s)", lm.label, path, kept)
             return
-        n = lm.store.restore(snap)
+        n = lm.store.restore(snap, lm.scheduler.replay)
         if n < len(snap.keys):
             logger.warning(
                 "%s: session cap reached; %d sessions not restored", path, len(snap.keys) - n

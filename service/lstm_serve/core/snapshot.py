@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lstm_serve.core.frame import KEY_SEP, valid_session_id
-from lstm_serve.core.store import Captured
+from lstm_serve.core.store import Captured, CapturedReplay
 
 # Far beyond any real stream, and far enough below 2**63 that next_seq + steps never overflows.
 MAX_SEQ = 2**62
@@ -22,11 +22,15 @@ def write_snapshot(path: Path, snap: Captured, meta: dict[str, object]) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        r = snap.replay or CapturedReplay.empty(snap.last_y.shape[1])
         with os.fdopen(fd, "wb") as f:
             np.savez(
                 f, h=snap.h, c=snap.c, last_y=snap.last_y, next_seq=snap.next_seq,
                 idle=snap.idle, keys=np.array(json.dumps(snap.keys)),
                 meta=np.array(json.dumps(meta)),
+                replay_index=r.index, replay_seq=r.seq, replay_next_seq=r.next_seq,
+                replay_reset=r.reset, replay_digest=r.digest, replay_steps=r.steps,
+                replay_y=r.y,
             )  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
@@ -51,6 +55,15 @@ def read_snapshot(
             raise ValueError(f"{path}: snapshot is for {saved_meta}, not {meta}")
         keys = json.loads(str(z["keys"]))
         h, c, y, seq, idle = z["h"], z["c"], z["last_y"], z["next_seq"], z["idle"]
+        # Files written before last answers were kept have none: they restore without them.
+        replay = (
+            CapturedReplay(
+                z["replay_index"], z["replay_seq"], z["replay_next_seq"], z["replay_reset"],
+                z["replay_digest"], z["replay_steps"], z["replay_y"],
+            )
+            if "replay_index" in z.files
+            else None
+        )  # fmt: skip
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise ValueError(f"{path}: keys are not a list of strings")
     n = len(keys)
@@ -77,7 +90,31 @@ def read_snapshot(
             or (principal and not (principal[0] and principal[0].isprintable()))
         ):
             raise ValueError(f"{path}: invalid session key {key[:300]!r}")
+    if replay is not None:
+        _check_replay(path, replay, seq, output_dim)
     return Captured(
         keys, h.astype(np.float32), c.astype(np.float32), y.astype(np.float32),
-        seq.astype(np.int64), idle.astype(np.float64),
+        seq.astype(np.int64), idle.astype(np.float64), replay,
     )  # fmt: skip
+
+
+def _check_replay(path: Path, r: CapturedReplay, next_seq: np.ndarray, output_dim: int) -> None:
+    m = len(r.index)
+    for name in ("seq", "next_seq", "reset", "digest", "steps"):
+        if getattr(r, name).shape != (m,):
+            raise ValueError(f"{path}: replay_{name} has shape {getattr(r, name).shape}")
+    if r.y.ndim != 2 or r.y.shape[1] != output_dim or r.y.dtype != np.float32:
+        raise ValueError(f"{path}: replay_y has shape {r.y.shape} ({r.y.dtype})")
+    ints = (r.index, r.seq, r.next_seq, r.steps)
+    if not all(np.issubdtype(a.dtype, np.integer) for a in ints) or r.digest.dtype != np.uint64:
+        raise ValueError(f"{path}: replay columns of the wrong types")
+    if m and (
+        (r.index < 0).any() or (r.index >= len(next_seq)).any()
+        or len(np.unique(r.index)) != m
+        or (r.steps < 1).any() or int(r.steps.sum()) != r.y.shape[0]
+        or (r.seq < 0).any() or (r.next_seq != r.seq + r.steps).any()
+        or (r.next_seq > next_seq[r.index]).any()
+    ):  # fmt: skip
+        raise ValueError(f"{path}: replay entries inconsistent with the sessions")
+    if not np.isfinite(r.y).all():
+        raise ValueError(f"{path}: replay_y has NaN or Inf")

@@ -19,6 +19,7 @@ from enum import StrEnum
 import numpy as np
 
 from lstm_serve.core.errors import ResourceExhausted
+from lstm_serve.core.replay import ReplayCache, ReplayEntry
 
 
 class CapPolicy(StrEnum):
@@ -26,6 +27,28 @@ class CapPolicy(StrEnum):
 
     refuse = "refuse"
     evict_lru = "evict_lru"
+
+
+@dataclass(frozen=True)
+class CapturedReplay:
+    """The last answer of each session that still has one, so that a retry of the last request
+    after a restart is answered again instead of refused."""
+
+    index: np.ndarray  # [m] int64: the session's position in Captured.keys
+    seq: np.ndarray  # [m] int64: the answered request's seq
+    next_seq: np.ndarray  # [m] int64: what the answer said
+    reset: np.ndarray  # [m] bool
+    digest: np.ndarray  # [m] uint64: the hash of the request's inputs
+    steps: np.ndarray  # [m] int64: steps answered
+    y: np.ndarray  # [sum(steps), output_dim] float32, the answers one after another
+
+    @staticmethod
+    def empty(output_dim: int) -> CapturedReplay:
+        i = np.empty(0, np.int64)
+        return CapturedReplay(
+            i, i, i, np.empty(0, bool), np.empty(0, np.uint64), i,
+            np.empty((0, output_dim), np.float32),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,7 @@ class Captured:
     last_y: np.ndarray  # [n, output_dim]
     next_seq: np.ndarray  # [n]
     idle: np.ndarray  # [n] seconds since last use
+    replay: CapturedReplay | None = None
 
 
 class SessionStore:
@@ -200,10 +224,33 @@ class SessionStore:
             self.last_y[slots].copy(),
             self.next_seq[slots].copy(),
             now - self.last_used[slots],
+            self._capture_replay(slots),
         )
 
-    def restore(self, snap: Captured, now: float | None = None) -> int:
-        """Load captured sessions (the caller checked shapes); returns how many fit."""
+    def _capture_replay(self, slots: np.ndarray) -> CapturedReplay:
+        index, seq, nxt, reset, digest, ys = [], [], [], [], [], []
+        heads, rows = self.replay[slots], self.replay_row[slots]
+        for i, (entry, row) in enumerate(zip(heads.tolist(), rows.tolist(), strict=True)):
+            if isinstance(entry, ReplayEntry) and entry.y is not None:
+                index.append(i)
+                seq.append(int(entry.seq[row]))
+                nxt.append(int(entry.next_seq[row]))
+                reset.append(bool(entry.reset[row]))
+                digest.append(int(entry.digest[row]))
+                ys.append(np.asarray(entry.y[row], np.float32))
+        if not index:
+            return CapturedReplay.empty(self.last_y.shape[1])
+        return CapturedReplay(
+            np.array(index, np.int64), np.array(seq, np.int64), np.array(nxt, np.int64),
+            np.array(reset, bool), np.array(digest, np.uint64),
+            np.array([len(y) for y in ys], np.int64), np.concatenate(ys),
+        )  # fmt: skip
+
+    def restore(
+        self, snap: Captured, cache: ReplayCache | None = None, now: float | None = None
+    ) -> int:
+        """Load captured sessions (the caller checked them), and their last answers into
+        cache; returns how many sessions fit."""
         n = min(len(snap.keys), self.free)
         if n == 0:
             return 0
@@ -217,4 +264,25 @@ class SessionStore:
         self.last_y[slots] = snap.last_y[order]
         self.next_seq[slots] = snap.next_seq[order]
         self.last_used[slots] = now - snap.idle[order]
+        if cache is not None and snap.replay is not None and len(snap.replay.index):
+            self._restore_replay(snap.replay, order, slots, cache)
         return n
+
+    def _restore_replay(
+        self, r: CapturedReplay, order: np.ndarray, slots: np.ndarray, cache: ReplayCache
+    ) -> None:
+        slot_of = dict(zip(order.tolist(), slots.tolist(), strict=True))
+        ends = np.cumsum(r.steps)
+        starts = ends - r.steps
+        for k, i in enumerate(r.index.tolist()):
+            slot = slot_of.get(i)
+            if slot is None:
+                continue  # a session that did not fit
+            entry = ReplayEntry(
+                [r.y[starts[k] : ends[k]]], r.seq[k : k + 1].copy(), self.gen[[slot]].copy(),
+                r.reset[k : k + 1].copy(), r.next_seq[k : k + 1].copy(),
+                np.full(1, None, object), np.zeros(1, np.int64), r.digest[k : k + 1].copy(),
+            )  # fmt: skip
+            if cache.add(entry):
+                self.replay[slot] = entry
+                self.replay_row[slot] = 0
