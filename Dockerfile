@@ -69,6 +69,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LSTM_SERVE_PORT=50051 \
     LSTM_SERVE_METRICS_HOST=0.0.0.0 \
     LSTM_SERVE_METRICS_PORT=9400 \
+    LSTM_SERVE_HEALTH_PORT=50052 \
     LSTM_SERVE_MODEL_REPOSITORY=/opt/lstm-serve/models \
     LSTM_SERVE_SNAPSHOT_DIR=/snapshots \
     LSTM_SERVE_DEVICE=cuda
@@ -76,8 +77,10 @@ VOLUME ["/models", "/snapshots"]
 USER 10001:10001
 WORKDIR /opt/lstm-serve
 EXPOSE 50051 9400
+# The health check asks the plaintext, loopback-only health port, so it works whatever TLS or
+# mTLS the main port requires.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \
-    CMD ["/bin/sh", "-c", "lstm-serve health --target \"127.0.0.1:${LSTM_SERVE_PORT:-50051}\" --timeout 3 || exit 1"]
+    CMD ["/bin/sh", "-c", "lstm-serve health --target \"127.0.0.1:${LSTM_SERVE_HEALTH_PORT:-50052}\" --timeout 3 || exit 1"]
 ENTRYPOINT ["lstm-serve"]
 CMD ["serve"]
 
@@ -125,6 +128,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LSTM_SERVE_PORT=50051 \
     LSTM_SERVE_METRICS_HOST=0.0.0.0 \
     LSTM_SERVE_METRICS_PORT=9400 \
+    LSTM_SERVE_HEALTH_PORT=50052 \
     LSTM_SERVE_MODEL_REPOSITORY=/opt/lstm-serve/models \
     LSTM_SERVE_SNAPSHOT_DIR=/snapshots \
     LSTM_SERVE_DEVICE=cpu
@@ -132,9 +136,8 @@ VOLUME ["/models", "/snapshots"]
 USER 10001:10001
 WORKDIR /opt/lstm-serve
 EXPOSE 50051 9400
-# Plaintext health check against the gRPC health service. With TLS (LSTM_SERVE_TLS_CERT) override
-# it, e.g. `lstm-serve health --target 127.0.0.1:50051 --ca /tls/ca.pem`.
+# Health from the plaintext, loopback-only health port, whatever TLS the main port requires.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/bin/sh", "-c", "lstm-serve health --target \"127.0.0.1:${LSTM_SERVE_PORT:-50051}\" --timeout 3 || exit 1"]
+    CMD ["/bin/sh", "-c", "lstm-serve health --target \"127.0.0.1:${LSTM_SERVE_HEALTH_PORT:-50052}\" --timeout 3 || exit 1"]
 ENTRYPOINT ["lstm-serve"]
 CMD ["serve"]

@@ -102,7 +102,8 @@ def test_runtime_image(name: str) -> None:
     expose = " ".join(a for w, a in stage if w == "EXPOSE").split()
     assert expose == ["50051", "9400"]
     (health,) = [a for w, a in stage if w == "HEALTHCHECK"]
-    assert "lstm-serve health --target" in health
+    # The plaintext health-only port on loopback: the check works with TLS and mTLS too.
+    assert "lstm-serve health --target" in health and "LSTM_SERVE_HEALTH_PORT" in health
     assert any(w == "VOLUME" and "/models" in a and "/snapshots" in a for w, a in stage)
     env = env_of(stage)
     assert env["LSTM_SERVE_HOST"] == env["LSTM_SERVE_METRICS_HOST"] == "0.0.0.0"
@@ -110,6 +111,8 @@ def test_runtime_image(name: str) -> None:
     assert env["LSTM_SERVE_METRICS_PORT"] == str(Settings.model_fields["metrics_port"].default)
     assert expose == [env["LSTM_SERVE_PORT"], env["LSTM_SERVE_METRICS_PORT"]]
     assert env["LSTM_SERVE_SNAPSHOT_DIR"] == "/snapshots"
+    assert int(env["LSTM_SERVE_HEALTH_PORT"]) > 0
+    assert Settings.model_fields["health_host"].default == "127.0.0.1"
     assert any(w == "COPY" and a.endswith(env["LSTM_SERVE_MODEL_REPOSITORY"]) for w, a in stage)
     assert ("ENTRYPOINT", '["lstm-serve"]') in stage and ("CMD", '["serve"]') in stage
 

@@ -16,6 +16,7 @@ import pytest
 from lstm_serve.client import Client, Connection, session_steps, step_request
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from tests.helpers.certs import Pki
+from tests.helpers.proxy import health_status
 from tests.helpers.server import OnePass, ServerThread
 
 C = grpc.StatusCode
@@ -68,6 +69,7 @@ def test_mutual_tls(tiny_repo: Path, pki: Pki, rogue: Pki) -> None:
         tls_cert=pki.server.cert_path,
         tls_key=pki.server.key_path,
         tls_client_ca=pki.ca_path,
+        health_port=0,
     ) as srv:
 
         def conn(client: Any = None) -> Connection:
@@ -85,6 +87,16 @@ def test_mutual_tls(tiny_repo: Path, pki: Pki, rogue: Pki) -> None:
         # The principal is the certificate's CN: each client has its own session "mine".
         keys = set(srv.engine.model("tiny").store.slots)
         assert {"cn:alice\x1fmine", "cn:bob\x1fmine"} <= keys and "mine" not in keys
+        # A probe without any certificate (the image's HEALTHCHECK, a Kubernetes gRPC probe)
+        # asks the plaintext health-only port; that port serves nothing else.
+        health_target = f"127.0.0.1:{srv.server.health_port}"
+        assert health_status(health_target) == "SERVING"
+        assert health_status(health_target, service="tiny") == "SERVING"
+        with Client(health_target) as plain:
+            with pytest.raises(grpc.RpcError) as info:
+                plain.predict("tiny", "mine", np.ones((1, 3)))
+            assert info.value.code() is C.UNIMPLEMENTED
+        assert health_status(srv.target) == "DOWN"  # the main port wants TLS
 
 
 # -- bearer tokens -------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class LstmServer:
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
@@ -128,6 +130,8 @@ class LstmServer:
             self._metrics_http, self.metrics_port = serve_metrics(
                 self.metrics, s.metrics_host, s.metrics_port
             )
+        if s.health_port >= 0:
+            await self._start_health_port(s.health_host, s.health_port)
         for name in ("", SERVICE_NAME, *repo.models):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
@@ -135,6 +139,16 @@ class LstmServer:
             s.host, self.port, "TLS" if s.tls_cert else "plaintext", s.metrics_host,
             self.metrics_port, ", ".join(lm.label for lm in self.engine.models.values()),
         )  # fmt: skip
+
+    async def _start_health_port(self, host: str, port: int) -> None:
+        # A server of its own: the same health statuses, and nothing else, in plaintext.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = server.add_insecure_port(f"{host}:{port}")
+        if self.health_port == 0:
+            raise RuntimeError(f"could not bind the health port {host}:{port}")
+        await server.start()
+        self._health_server = server
 
     def _model_failed(self, name: str, reason: str) -> None:
         # A model that cannot answer makes the server unfit for traffic: orchestrators restart
@@ -164,6 +178,8 @@ class LstmServer:
             await self.server.stop(min(grace, 1.0))
         if self.engine is not None:
             await self.engine.close()
+        if self._health_server is not None:  # last: probes see NOT_SERVING until the end
+            await self._health_server.stop(0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -29,6 +29,15 @@ class Settings(BaseSettings):
         le=65535,
         description="Prometheus metrics HTTP port (0 picks a free one, -1 disables).",
     )
+    health_host: str = Field(
+        "127.0.0.1", description="Address of the plaintext health-only gRPC port."
+    )
+    health_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="A plaintext port serving only grpc.health.v1 (0 picks a free one, -1 disables): for probes that cannot speak the main port's TLS or mTLS, such as the image's HEALTHCHECK and Kubernetes gRPC probes.",
+    )
     model_repository: Path = Field(
         DEFAULT_MODELS, description="Directory of models/<name>/<version>/."
     )
