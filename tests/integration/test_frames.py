@@ -149,6 +149,13 @@ def test_an_answer_too_large_is_refused_before_anything_is_applied(
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "bytes" in (err.value.details() or "")
         assert not c.get_session("tinytok", "big-0").exists
+        # The gRPC metrics count what the client got, not OK.
+        handled = srv.server.metrics.registry.get_sample_value(
+            "grpc_server_handled_total",
+            {"grpc_type": "unary", "grpc_service": "lstm_serve.v1.LstmServe",
+             "grpc_method": "Predict", "grpc_code": "INVALID_ARGUMENT"},
+        )  # fmt: skip
+        assert handled == 1
         assert c.step_frame("tinytok", ids, tok, top_k=1).next_seq.tolist() == [1000] * 4
         # The client may say its own, smaller limit.
         md = (("lstm-serve-max-response-bytes", "1000"),)
