@@ -182,8 +182,8 @@ class Connection:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             # After a server restart, be back within a fraction of a second, not gRPC's 1-120 s.
+            # (min_reconnect_backoff stays at its default: it is also the connect timeout.)
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 5000),
         ]
 
