@@ -155,7 +155,16 @@ def digest(x: np.ndarray) -> np.ndarray:
     A row's digest depends on that row alone, so a retry matches however it is batched."""
     n = x.shape[0]
     flat = np.ascontiguousarray(x).reshape(n, -1)
-    bits = flat.view(np.uint32 if flat.dtype.itemsize == 4 else np.uint64).astype(np.uint64)
-    weights = (np.arange(1, bits.shape[1] + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
-    out: np.ndarray = (bits * weights).sum(axis=1, dtype=np.uint64) ^ np.uint64(bits.shape[1])
+    bits = flat.view(np.uint32 if flat.dtype.itemsize == 4 else np.uint64)
+    k = bits.shape[1]
+    weights = _WEIGHTS.get(k)
+    if weights is None:
+        weights = (np.arange(1, k + 1, dtype=np.uint64) * _MIX) | np.uint64(1)
+        if k <= 1 << 16:
+            _WEIGHTS[k] = weights
+    # A dot product wraps modulo 2**64 like the sum of products it stands for.
+    out: np.ndarray = (bits.astype(np.uint64) @ weights) ^ np.uint64(k)
     return out
+
+
+_WEIGHTS: dict[int, np.ndarray] = {}  # per row length: a row's few steps hash in a few calls

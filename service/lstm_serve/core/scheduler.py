@@ -32,7 +32,7 @@ from lstm_serve.core.errors import (
     ServiceError,
     Unavailable,
 )
-from lstm_serve.core.frame import Frame, digest
+from lstm_serve.core.frame import APPEND, Frame, digest
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.replay import ReplayCache, ReplayEntry
 from lstm_serve.core.rollout import ForecastResult, Rollout
@@ -296,6 +296,8 @@ class Scheduler:
                 self._fail(r, DeadlineExceeded("the deadline passed during the forecast"))
         if not jobs and not self.rollouts:
             return
+        if len(jobs) == 1 and not self.rollouts and jobs[0].rows == 1 and self._single(jobs[0]):
+            return
         tick = self._prepare(jobs, taken)
         if not tick.parts:
             self._finish(tick, [])
@@ -346,6 +348,64 @@ class Scheduler:
         self._busy = False
         if self.on_broken is not None:
             self.on_broken(self.broken)
+
+    def _single(self, job: StepJob) -> bool:
+        """The streaming case, in scalars: one request of one session that appends (or starts
+        the session), small enough to run inline. False leaves it to the general path."""
+        frame = job.frame
+        x = frame.blocks[0].x
+        t = x.shape[1]
+        if t > self.limits.inline_max_steps or bool(frame.reset[0]):
+            return False
+        store, key = self.store, job.keys[0]
+        seq = int(frame.seq[0])
+        slot = store.slots.get(key)
+        if slot is None:
+            if seq > 0 or store.free == 0:
+                return False  # not found, or the cap: the general path says which
+            layers, _, hidden = store.h.shape
+            h = np.zeros((layers, 1, hidden), np.float32)
+            c = h
+            base = 0
+        else:
+            base = int(store.next_seq[slot])
+            if seq != APPEND and seq != base:
+                return False  # a retry or a gap
+            h = store.h[:, slot : slot + 1].copy()
+            c = store.c[:, slot : slot + 1].copy()
+        digests = digest(x)
+        t0 = time.perf_counter()
+        try:
+            y, hn, cn = self.runtime.run(x, h, c)
+        except Exception:
+            logger.exception("%s: inference failed for a batch of 1 row", self.label)
+            self._fail(job, RuntimeError("inference failed"))
+            return True
+        finally:
+            self.probes.inference_seconds.observe(time.perf_counter() - t0)
+            self.probes.batch_size.observe(1)
+        self.probes.steps.inc(t)
+        now = time.monotonic()
+        if slot is None:
+            slot = int(store.create([key], now)[0])
+            self.probes.sessions.set(len(store))
+        slots = np.array([slot], np.int64)
+        nxt = np.array([base + t], np.int64)
+        store.commit(slots, hn, cn, y[:, -1], nxt)
+        seqs = np.array([base], np.int64)
+        entry = ReplayEntry(
+            y, seqs, store.gen[slots], frame.reset, nxt, store.replay[slots],
+            np.zeros(1, np.int64) + store.replay_row[slot], digests,
+        )  # fmt: skip
+        if self.replay.add(entry):
+            store.replay[slot] = entry
+            store.replay_row[slot] = 0
+        store.touch(job.keys, slots, now)
+        if not job.future.done():
+            job.future.set_result(StepResult(frame.ids, seqs, nxt, np.zeros(1, bool), y))
+        self.probes.step_latency.observe(time.perf_counter() - job.t0)
+        self._count(job.method, "OK")
+        return True
 
     def _prepare(self, jobs: list[StepJob], taken: set[str]) -> _Tick:
         store = self.store
