@@ -112,6 +112,7 @@ class Engine:
         # (model label or "-", method, code): counts requests refused before they queue.
         self._count = requests or (lambda label, method, code: None)
         self.models: dict[tuple[str, str], LoadedModel] = {}
+        self._resolved: dict[tuple[str, str], LoadedModel] = {}
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_lock = asyncio.Lock()
@@ -192,10 +193,16 @@ class Engine:
     # -- models --------------------------------------------------------------------------------
 
     def model(self, name: str, version: str = "") -> LoadedModel:
+        # Asked once per request: remember each (name, version) asked for that resolved (the
+        # repository does not change while the server runs).
+        lm = self._resolved.get((name, version))
+        if lm is not None:
+            return lm
         mv = self.repository.get(name, version)
         lm = self.models.get(mv.key)
         if lm is None:
             raise NotFound(f"model {name!r} version {mv.manifest.version!r} is not loaded")
+        self._resolved[(name, version)] = lm
         return lm
 
     def list_models(self) -> list[ModelVersion]:
