@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from lstm_serve.client import Client, frame_request, session_steps, step_request
+from lstm_serve.client import Client, Connection, frame_request, session_steps, step_request
 from tests.helpers.server import OnePass, ServerThread, code_of, xs
 
 ATOL = 1e-5
@@ -163,3 +163,17 @@ def test_an_answer_too_large_is_refused_before_anything_is_applied(
             c.stub.Predict(frame_request("tiny", ids, x[:, :100]), metadata=md)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert [c.get_session("tiny", s).next_seq for s in ids] == [1000] * 4
+
+
+def test_the_client_library_sends_its_receive_limit(server: ServerThread) -> None:
+    """A Client whose receive limit is smaller than the answer gets INVALID_ARGUMENT and the
+    sessions stay where they were, instead of an answer it cannot receive after they moved."""
+    ids = [f"lim-{i}" for i in range(12)]
+    tok = np.ones((12, 1000), np.int64)  # 12 kB in; 12,000 steps x 12 probabilities out
+    with Client(Connection(server.target, max_message_bytes=64 * 1024)) as small:
+        with pytest.raises(grpc.RpcError) as err:
+            small.step_frame("tinytok", ids, tok)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "65536" in (err.value.details() or "")
+        assert not small.get_session("tinytok", "lim-0").exists
+        assert small.step_frame("tinytok", ids, tok[:, :50]).next_seq.tolist() == [50] * 12

@@ -174,7 +174,10 @@ class Connection:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        # The receive limit travels with every call: the server refuses, before applying
+        # anything, a request whose answer this client could not receive.
+        limit = (("lstm-serve-max-response-bytes", str(self.max_message_bytes)),)
+        return (("authorization", f"Bearer {self.token}"), *limit) if self.token else limit
 
     @property
     def options(self) -> list[tuple[str, Any]]:
