@@ -9,7 +9,11 @@ export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: serve test lint typecheck unit proto proto-check bench clean
+# Triton's Python client pins its own protobuf: it gets a venv of its own, for the tests that
+# drive the Open Inference Protocol with it.
+TRITON_VENV ?= .venv-triton
+
+.PHONY: serve test lint typecheck unit proto proto-check bench clean triton-client
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +32,14 @@ $(VENV)/.dev: $(VENV)/.created pyproject.toml
 serve: $(VENV)/.serve
 	$(VENV)/bin/lstm-serve serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev lint typecheck proto-check unit
+$(TRITON_VENV)/.ready: tests/triton/requirements.txt
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --disable-pip-version-check -r tests/triton/requirements.txt
+	touch $@
+
+triton-client: $(TRITON_VENV)/.ready
+
+test: $(VENV)/.dev $(TRITON_VENV)/.ready lint typecheck proto-check unit
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check service tests
@@ -50,4 +61,4 @@ bench: $(VENV)/.dev
 	$(VENV)/bin/lstm-serve bench --out docs/bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) .mypy_cache .ruff_cache .pytest_cache

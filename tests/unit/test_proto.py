@@ -82,3 +82,27 @@ def test_generated_descriptor_matches_the_contract() -> None:
     assert not methods["Predict"].client_streaming and not methods["Predict"].server_streaming
     seq = pb.SessionSteps.DESCRIPTOR.fields_by_name["seq"]
     assert seq.has_presence  # `optional`: absent means append at the session's next seq
+
+
+def test_a_changed_triton_proto_makes_its_code_stale(proto_copy: Path) -> None:
+    path = proto_copy / gen_pb.TRITON_SUBDIR / "grpc_service.proto"
+    text = path.read_text()
+    anchor = "message ServerLiveRequest {}"
+    assert anchor in text
+    path.write_text(text.replace(anchor, "message ServerLiveRequest { bool added_for_test = 9; }"))
+    stale = gen_pb.is_stale()
+    assert "grpc_service_pb2.py" in stale
+    assert "lstm_serve_pb2.py" not in stale
+
+
+def test_triton_descriptors_keep_their_package() -> None:
+    """Triton's and KServe's clients call /inference.GRPCInferenceService/...: the package and
+    the service name must stay as published."""
+    from lstm_serve.server.pb import grpc_service_pb2 as ipb
+    from lstm_serve.server.pb import model_config_pb2 as mc
+
+    assert ipb.DESCRIPTOR.package == mc.DESCRIPTOR.package == "inference"
+    service = ipb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == "inference.GRPCInferenceService"
+    grpc_py = (gen_pb.OUT_DIR / "grpc_service_pb2.py").read_text()
+    assert "from . import model_config_pb2" in grpc_py

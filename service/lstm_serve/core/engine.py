@@ -163,6 +163,11 @@ class Engine:
         self._accepting = False
 
     @property
+    def accepting(self) -> bool:
+        """Started and not draining."""
+        return self._accepting
+
+    @property
     def idle(self) -> bool:
         return all(lm.scheduler.idle for lm in self.models.values())
 

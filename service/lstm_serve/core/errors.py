@@ -22,6 +22,17 @@ class NotFound(ServiceError):
     code = "NOT_FOUND"
 
 
+class SessionNotFound(NotFound):
+    """A request continued a session that does not exist (never started, ended or expired)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} not found (never started, ended or expired); "
+            f"start it again with seq 0"
+        )
+        self.session_id = session_id
+
+
 class FailedPrecondition(ServiceError):
     code = "FAILED_PRECONDITION"
 

@@ -16,6 +16,9 @@ import numpy as np
 from lstm_serve.core.errors import InvalidArgument
 
 APPEND = -1  # seq column: no seq given, append at the session's next seq
+# seq column: append, but only to a session that exists (Triton's sequences: a request without
+# START on an unknown sequence is refused instead of starting one)
+CONTINUE = -2
 MAX_SESSION_ID = 256
 # Joins a principal and a session id into a store key; control characters never appear in
 # either (they are refused), so keys of different principals never collide.
@@ -35,6 +38,8 @@ class Frame:
     seq: np.ndarray  # int64 [n]; APPEND where absent
     reset: np.ndarray  # bool [n]
     blocks: list[Block]
+    # bool [n] or None: end these sessions once the request is applied (Triton's sequence_end)
+    end: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -111,15 +116,17 @@ def check(
     seq = frame.seq.tolist() if n == 1 else frame.seq  # scalars are cheaper for one session
     reset = frame.reset.tolist() if n == 1 else frame.reset
     if n > 1 or reset[0]:
-        bad_reset = frame.reset & (frame.seq != APPEND) & (frame.seq != 0)
+        bad_reset = frame.reset & (frame.seq > 0)
         if bad_reset.any():
             i = int(np.flatnonzero(bad_reset)[0])
             raise InvalidArgument(
                 f"session {ids[i]!r}: a reset starts at seq 0, not {int(frame.seq[i])}"
             )
-    if (n == 1 and seq[0] < APPEND) or (n > 1 and (frame.seq < APPEND).any()):
-        i = int(np.flatnonzero(frame.seq < APPEND)[0])
+    if (n == 1 and seq[0] < CONTINUE) or (n > 1 and (frame.seq < CONTINUE).any()):
+        i = int(np.flatnonzero(frame.seq < CONTINUE)[0])
         raise InvalidArgument(f"session {ids[i]!r}: seq is out of range")
+    if frame.end is not None and frame.end.shape != (n,):
+        raise InvalidArgument(f"end must have one value per session ({n})")
     for b in frame.blocks:
         x = b.x
         steps = x.shape[1] if x.ndim >= 2 else 0

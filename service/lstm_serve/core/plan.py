@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lstm_serve.core.frame import APPEND
+from lstm_serve.core.frame import CONTINUE
 from lstm_serve.core.replay import Found, find
 from lstm_serve.core.store import SessionStore
 
@@ -41,10 +41,10 @@ def plan_rows(
     exists = slots >= 0
     s = np.where(exists, slots, 0)
     nxt = np.where(exists, store.next_seq[s], 0)
-    append = seq == APPEND
+    append = seq < 0  # APPEND or CONTINUE
     action = np.full(n, APPLY, np.int8)
     action[~exists] = NEW
-    action[~exists & ~append & ~reset & (seq != 0)] = NOT_FOUND
+    action[~exists & ~reset & (seq != 0) & ((seq == CONTINUE) | ~append)] = NOT_FOUND
     live = exists & ~reset & ~append
     action[live & (seq > nxt)] = GAP
     action[exists & reset] = RESET

@@ -30,6 +30,7 @@ from lstm_serve.core.errors import (
     ResourceExhausted,
     SeqGap,
     ServiceError,
+    SessionNotFound,
     Unavailable,
 )
 from lstm_serve.core.frame import APPEND, Frame, digest
@@ -647,8 +648,19 @@ class Scheduler:
                 job.future.set_result(result)
             observe(t_end - job.t0)
             self._count(job.method, "OK")
+        self._end_sessions(tick)
         self._advance_rollouts()
         self.probes.sessions.set(len(store))
+
+    def _end_sessions(self, tick: _Tick) -> None:
+        """Remove the sessions that requests applied in this tick asked to end."""
+        ended: list[str] = []
+        for j, job in enumerate(tick.jobs):
+            end = job.frame.end
+            if end is not None and tick.ok[j] and end.any():
+                ended += [job.keys[i] for i in np.flatnonzero(end).tolist()]
+        if ended:
+            self.store.remove(ended)
 
     def _answer_all(
         self,
@@ -769,10 +781,7 @@ class Scheduler:
         sid = job.frame.ids[i]
         a = int(plan.action[g])
         if a == P.NOT_FOUND:
-            return NotFound(
-                f"session {sid!r} not found (never started, ended or expired); "
-                f"start it again with seq 0"
-            )
+            return SessionNotFound(sid)
         if a == P.MISMATCH:
             return FailedPrecondition(
                 f"session {sid!r}: seq {int(job.frame.seq[i])} was already applied with "

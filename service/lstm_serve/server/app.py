@@ -25,7 +25,10 @@ from lstm_serve.server.interceptors import (
     StatusInterceptor,
     load_tokens,
 )
+from lstm_serve.server.kserve import InferenceServicer
 from lstm_serve.server.metrics import Metrics, serve_metrics
+from lstm_serve.server.pb import grpc_service_pb2 as ipb
+from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
 from lstm_serve.server.servicer import LstmServeServicer
@@ -34,6 +37,7 @@ from lstm_serve.server.settings import Settings
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
+INFERENCE_SERVICE_NAME = ipb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 def connection_options(s: Settings) -> list[tuple[str, int]]:
@@ -103,10 +107,15 @@ class LstmServer:
         pb_grpc.add_LstmServeServicer_to_server(
             LstmServeServicer(self.engine, s.max_inflight_per_stream, s.max_message_bytes), server
         )
+        # The Open Inference Protocol on the same port, onto the same engine.
+        ipb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.engine, s.max_inflight_per_stream, s.max_message_bytes), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                INFERENCE_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -132,7 +141,7 @@ class LstmServer:
             )
         if s.health_port >= 0:
             await self._start_health_port(s.health_host, s.health_port)
-        for name in ("", SERVICE_NAME, *repo.models):
+        for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME, *repo.models):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "lstm-serve listening on %s:%d (%s), metrics on %s:%d, models: %s",
@@ -154,7 +163,7 @@ class LstmServer:
         # A model that cannot answer makes the server unfit for traffic: orchestrators restart
         # it on the server's health ("") and load balancers eject it.
         async def mark() -> None:
-            for service in (name, SERVICE_NAME, ""):
+            for service in (name, SERVICE_NAME, INFERENCE_SERVICE_NAME, ""):
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         self._background.add(task := asyncio.ensure_future(mark()))

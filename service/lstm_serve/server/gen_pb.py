@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[3]
 PROTO_DIR = ROOT / "protos"
 OUT_DIR = Path(__file__).resolve().parent / "pb"
 PROTOS = ["lstm_serve/v1/lstm_serve.proto"]
+# The Open Inference Protocol (KServe v2) with Triton's extensions, as Triton publishes it
+# (package inference, imports relative to its own folder): unchanged, so Triton clients work.
+TRITON_SUBDIR = "inference"
+TRITON_PROTOS = ["grpc_service.proto", "model_config.proto"]
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -19,21 +23,23 @@ def generate(out_dir: Path) -> list[Path]:
     from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        "protoc",
-        f"-I{PROTO_DIR}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        *PROTOS,
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed")
+    for include, protos in ((PROTO_DIR, PROTOS), (PROTO_DIR / TRITON_SUBDIR, TRITON_PROTOS)):
+        args = [
+            "protoc",
+            f"-I{include}",
+            f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            *protos,
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError("protoc failed")
     written = []
     for path in sorted(out_dir.rglob("*.py*")):
         text = path.read_text()
         # protoc writes absolute imports (lstm_serve.v1...); make them relative to pb/.
         text = re.sub(r"^from lstm_serve\.v1 import", "from . import", text, flags=re.M)
+        text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
         path.write_text(text)
         written.append(path)
     # Flatten lstm_serve/v1/*.py into pb/ so the import path is lstm_serve.server.pb.lstm_serve_pb2.

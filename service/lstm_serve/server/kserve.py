@@ -1,0 +1,197 @@
+"""The Open Inference Protocol servicer (`inference.GRPCInferenceService`, KServe v2 with Triton's
+sequence extension): a translator onto the same engine as lstm_serve.v1. It decodes into a
+frame, makes one engine call, encodes. RPCs not listed here answer UNIMPLEMENTED."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+
+from lstm_serve.core import frame as F
+from lstm_serve.core.engine import Engine
+from lstm_serve.core.errors import InvalidArgument, ServiceError
+from lstm_serve.core.repository import Manifest, ModelVersion
+from lstm_serve.core.scheduler import StepResult
+from lstm_serve.server import kserve_convert as K
+from lstm_serve.server.interceptors import PRINCIPAL
+from lstm_serve.server.pb import grpc_service_pb2 as ipb
+from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
+from lstm_serve.server.servicer import Context, _deadline
+
+logger = logging.getLogger(__name__)
+
+# What this server implements of Triton's extensions (reported by ServerMetadata).
+EXTENSIONS = ["classification", "sequence", "model_configuration"]
+
+Pending = tuple[ModelVersion, K.Decoded, "asyncio.Future[StepResult]"]
+
+
+def _version() -> str:
+    try:
+        return version("lstm-serve")
+    except PackageNotFoundError:
+        return "0"
+
+
+class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self, engine: Engine, max_inflight_per_stream: int, max_message_bytes: int
+    ) -> None:
+        self.engine = engine
+        self.window = max_inflight_per_stream
+        self.max_message_bytes = max_message_bytes
+
+    # -- health and metadata ---------------------------------------------------------------------
+
+    async def ServerLive(
+        self, request: ipb.ServerLiveRequest, context: Context
+    ) -> ipb.ServerLiveResponse:
+        return ipb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: ipb.ServerReadyRequest, context: Context
+    ) -> ipb.ServerReadyResponse:
+        return ipb.ServerReadyResponse(ready=self.engine.accepting)
+
+    async def ModelReady(
+        self, request: ipb.ModelReadyRequest, context: Context
+    ) -> ipb.ModelReadyResponse:
+        try:
+            self.engine.get_model(request.name, request.version)
+        except ServiceError:
+            return ipb.ModelReadyResponse(ready=False)
+        return ipb.ModelReadyResponse(ready=self.engine.accepting)
+
+    async def ServerMetadata(
+        self, request: ipb.ServerMetadataRequest, context: Context
+    ) -> ipb.ServerMetadataResponse:
+        return ipb.ServerMetadataResponse(
+            name="lstm-serve", version=_version(), extensions=EXTENSIONS
+        )
+
+    def _model(self, name: str, version: str) -> ModelVersion:
+        try:
+            return self.engine.get_model(name, version)
+        except ServiceError as exc:
+            raise K.triton_error(exc, name, version) from None
+
+    async def ModelMetadata(
+        self, request: ipb.ModelMetadataRequest, context: Context
+    ) -> ipb.ModelMetadataResponse:
+        mv = self._model(request.name, request.version)
+        versions = [
+            v.manifest.version for v in self.engine.list_models() if v.manifest.name == request.name
+        ]
+        return K.model_metadata(mv, versions)
+
+    async def ModelConfig(
+        self, request: ipb.ModelConfigRequest, context: Context
+    ) -> ipb.ModelConfigResponse:
+        mv = self._model(request.name, request.version)
+        s = self.engine.settings
+        return ipb.ModelConfigResponse(
+            config=K.model_config(mv, s.max_sessions_per_request, s.session_ttl_s)
+        )
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def _submit(
+        self, req: ipb.ModelInferRequest, principal: str, deadline: float | None
+    ) -> Pending:
+        """Decode and queue one request (synchronously: requests queue in the order read)."""
+        decoded: list[K.Decoded] = []
+        limit = self.max_message_bytes
+
+        def decode(m: Manifest) -> F.Frame:
+            frame, d = K.decode(req, m)
+            size = K.answer_bytes(frame, m, d)
+            if size > limit:
+                raise InvalidArgument(
+                    f"the answer would take about {size} bytes, more than the {limit} allowed "
+                    f"(the server's max_message_bytes); send fewer steps per request"
+                )
+            decoded.append(d)
+            return frame
+
+        name, ver = req.model_name, req.model_version
+        try:
+            fut = self.engine.submit_step(name, ver, decode, principal, deadline)
+            return self.engine.get_model(name, ver), decoded[0], fut
+        except ServiceError as exc:
+            raise K.triton_error(exc, name, ver) from None
+
+    async def _answer(self, req: ipb.ModelInferRequest, p: Pending) -> ipb.ModelInferResponse:
+        mv, d, fut = p
+        try:
+            result = await fut
+        except ServiceError as exc:
+            raise K.triton_error(exc, req.model_name, req.model_version) from None
+        return K.encode(mv, req, d, result)
+
+    async def ModelInfer(
+        self, request: ipb.ModelInferRequest, context: Context
+    ) -> ipb.ModelInferResponse:
+        return await self._answer(
+            request, self._submit(request, PRINCIPAL.get(), _deadline(context))
+        )
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[ipb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[ipb.ModelStreamInferResponse]:
+        # As lstm_serve.v1.Stream: up to `window` messages queued at once, answered in the
+        # order read. A failed message is answered with error_message (as Triton does); the
+        # stream goes on.
+        principal = PRINCIPAL.get()
+        deadline = _deadline(context)
+        window = asyncio.Semaphore(self.window)
+        items: deque[tuple[ipb.ModelInferRequest, Pending | ServiceError] | None] = deque()
+        ready = asyncio.Event()
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await window.acquire()  # released once its answer is sent
+                    try:
+                        items.append((req, self._submit(req, principal, deadline)))
+                    except ServiceError as exc:
+                        items.append((req, exc))
+                    ready.set()
+            finally:
+                items.append(None)
+                ready.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                while not items:
+                    ready.clear()
+                    await ready.wait()
+                item = items.popleft()
+                if item is None:
+                    break
+                req, p = item
+                try:
+                    if isinstance(p, ServiceError):
+                        raise p
+                    yield ipb.ModelStreamInferResponse(infer_response=await self._answer(req, p))
+                except ServiceError as exc:
+                    yield ipb.ModelStreamInferResponse(
+                        error_message=exc.message,
+                        infer_response=ipb.ModelInferResponse(
+                            model_name=req.model_name, model_version=req.model_version, id=req.id
+                        ),
+                    )
+                finally:
+                    window.release()
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            for left in items:
+                if left is not None and not isinstance(left[1], ServiceError):
+                    left[1][2].cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
