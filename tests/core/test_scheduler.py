@@ -20,6 +20,7 @@ from lstm_serve.core.errors import (
     NotFound,
     ResourceExhausted,
     SeqGap,
+    SessionNotFound,
     Unavailable,
 )
 from lstm_serve.core.probes import no_probes
@@ -266,5 +267,49 @@ def test_a_worker_that_dies_is_reported(inline: int) -> None:
         with pytest.raises(Unavailable, match="worker failed"):
             await sched.submit_step(F.single("a", steps(1)), ["a"], None)
         assert told and sched.broken is not None
+
+    run(main())
+
+
+def test_continue_never_creates_a_session_and_end_removes_it_after_the_step() -> None:
+    """Triton's sequences: CONTINUE refuses an unknown session; `end` removes a session once its
+    request is applied, and a queued continuation behind it finds it gone."""
+
+    async def main() -> None:
+        sched, _ = make()
+        cont = F.Frame(
+            ["a"],
+            np.array([F.CONTINUE]),
+            np.zeros(1, bool),
+            [F.Block(np.zeros(1, np.int64), steps(1)[None])],
+        )
+        with pytest.raises(SessionNotFound):
+            await sched.submit_step(cont, ["a"], None)
+        assert sched.store.slot("a") is None
+        await sched.submit_step(F.single("a", steps(1), reset=True), ["a"], None)
+        r = await sched.submit_step(cont, ["a"], None)
+        assert r.y[0, :, 0].tolist() == [2] and r.next_seq.tolist() == [2]
+        last = F.single("a", steps(3))
+        last.end = np.ones(1, bool)
+        ended = sched.submit_step(last, ["a"], None)
+        behind = sched.submit_step(cont, ["a"], None)
+        assert (await ended).y[0, :, 0].tolist() == [5]
+        with pytest.raises(SessionNotFound):
+            await behind
+        assert sched.store.slot("a") is None and len(sched.store) == 0
+
+    run(main())
+
+
+def test_end_of_a_failed_request_keeps_the_session() -> None:
+    async def main() -> None:
+        sched, rt = make()
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        last = F.single("a", steps(1))
+        last.end = np.ones(1, bool)
+        rt.fail = True
+        with pytest.raises(RuntimeError):
+            await sched.submit_step(last, ["a"], None)
+        assert sched.store.slot("a") is not None
 
     run(main())
