@@ -186,6 +186,8 @@ async def _map_error(exc: BaseException, context: Context, method: str) -> NoRet
     """Abort the RPC with the status exc stands for; always raises."""
     if isinstance(exc, ServiceError):
         await context.abort(grpc.StatusCode[exc.code], exc.message)
+    if isinstance(exc, NotImplementedError):  # what generated base servicers raise
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)) or not isinstance(
         exc, Exception
     ):
@@ -200,6 +202,8 @@ def _code_of(exc: BaseException, context: Context) -> grpc.StatusCode:
         return grpc.StatusCode[exc.code]
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()
         return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
