@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,13 @@ CLIENT = PROJECT_ROOT / "tests" / "triton" / "client.py"
 ATOL = 1e-5
 
 
+def need_triton_client() -> None:
+    if not TRITON_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{TRITON_PYTHON} is missing: `make test` builds it")
+        pytest.skip("no tritonclient venv: run `make triton-client`")
+
+
 def one_pass(model: ReferenceModel, x: np.ndarray) -> np.ndarray:
     """y of one pass over x ([T, F] or [T] ids) from a zero state."""
     h, c = model.zero_state(1)
@@ -32,10 +40,7 @@ def one_pass(model: ReferenceModel, x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def triton_run(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if not TRITON_PYTHON.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{TRITON_PYTHON} is missing: `make test` builds it")
-        pytest.skip("no tritonclient venv: run `make triton-client`")
+    need_triton_client()
     rng = np.random.default_rng(7)
     inputs = {
         "batch": rng.normal(size=(3, 5, 3)).astype(np.float32),
@@ -161,3 +166,20 @@ def test_token_model_and_classification(triton_run: Any, tok: ReferenceModel) ->
     np.testing.assert_array_equal(out["tok_top"][:, 0], y.argmax(axis=1))
     top3 = np.sort(np.take_along_axis(y, out["tok_top"], axis=1), axis=1)
     np.testing.assert_allclose(top3, np.sort(y, axis=1)[:, -3:], atol=ATOL)
+
+
+def test_protocol_doc_example_runs_as_written(shipped_models_dir: Path, project_root: Path) -> None:
+    """docs/protocol.md's tritonclient example, run by the tritonclient venv against the bundled
+    models."""
+    need_triton_client()
+    text = (project_root / "docs" / "protocol.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "tritonclient" in b)
+    with ServerThread(model_repository=shipped_models_dir) as srv:
+        proc = subprocess.run(
+            [str(TRITON_PYTHON), "-c", code.replace("127.0.0.1:50051", srv.target)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        # The example ended its sequence.
+        assert srv.engine.model("forecaster").store.slot("7") is None
+    assert proc.stdout.splitlines() == ["(2, 2) (1, 2)", "START"]
