@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
@@ -20,7 +19,7 @@ from lstm_serve.server import kserve_convert as K
 from lstm_serve.server.interceptors import PRINCIPAL
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
-from lstm_serve.server.servicer import Context, _deadline
+from lstm_serve.server.servicer import Context, deadline_of, pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -136,62 +135,39 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         self, request: ipb.ModelInferRequest, context: Context
     ) -> ipb.ModelInferResponse:
         return await self._answer(
-            request, self._submit(request, PRINCIPAL.get(), _deadline(context))
+            request, self._submit(request, PRINCIPAL.get(), deadline_of(context))
         )
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[ipb.ModelInferRequest], context: Context
     ) -> AsyncIterator[ipb.ModelStreamInferResponse]:
-        # As lstm_serve.v1.Stream: up to `window` messages queued at once, answered in the
-        # order read. A failed message is answered with error_message (as Triton does); the
-        # stream goes on.
+        # As lstm_serve.v1.Stream, except that a failed request is answered with error_message
+        # (as Triton does) and the stream goes on.
         principal = PRINCIPAL.get()
-        deadline = _deadline(context)
-        window = asyncio.Semaphore(self.window)
-        items: deque[tuple[ipb.ModelInferRequest, Pending | ServiceError] | None] = deque()
-        ready = asyncio.Event()
+        deadline = deadline_of(context)
 
-        async def read() -> None:
+        def submit(req: ipb.ModelInferRequest) -> Pending:
+            return self._submit(req, principal, deadline)
+
+        async def answer(
+            req: ipb.ModelInferRequest, p: Pending | ServiceError
+        ) -> ipb.ModelStreamInferResponse:
             try:
-                async for req in request_iterator:
-                    await window.acquire()  # released once its answer is sent
-                    try:
-                        items.append((req, self._submit(req, principal, deadline)))
-                    except ServiceError as exc:
-                        items.append((req, exc))
-                    ready.set()
-            finally:
-                items.append(None)
-                ready.set()
+                if isinstance(p, ServiceError):
+                    raise p
+                return ipb.ModelStreamInferResponse(infer_response=await self._answer(req, p))
+            except ServiceError as exc:
+                return ipb.ModelStreamInferResponse(
+                    error_message=exc.message,
+                    infer_response=ipb.ModelInferResponse(
+                        model_name=req.model_name, model_version=req.model_version, id=req.id
+                    ),
+                )
 
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                while not items:
-                    ready.clear()
-                    await ready.wait()
-                item = items.popleft()
-                if item is None:
-                    break
-                req, p = item
-                try:
-                    if isinstance(p, ServiceError):
-                        raise p
-                    yield ipb.ModelStreamInferResponse(infer_response=await self._answer(req, p))
-                except ServiceError as exc:
-                    yield ipb.ModelStreamInferResponse(
-                        error_message=exc.message,
-                        infer_response=ipb.ModelInferResponse(
-                            model_name=req.model_name, model_version=req.model_version, id=req.id
-                        ),
-                    )
-                finally:
-                    window.release()
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
-            for left in items:
-                if left is not None and not isinstance(left[1], ServiceError):
-                    left[1][2].cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        def cancel(p: Pending) -> None:
+            p[2].cancel()
+
+        answers = pipeline(request_iterator, submit, answer, cancel, self.window)
+        async with contextlib.aclosing(answers):  # a client gone: its reader stops now
+            async for resp in answers:
+                yield resp

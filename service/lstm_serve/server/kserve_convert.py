@@ -7,6 +7,7 @@ parameters name a session; see docs/protocol.md for the mapping.
 
 from __future__ import annotations
 
+import math
 import struct
 import uuid
 from dataclasses import dataclass
@@ -107,8 +108,9 @@ def _typed(contents: Any, datatype: str) -> np.ndarray:
     return np.asarray(contents.int_contents, np.int64)
 
 
-def _input(req: ipb.ModelInferRequest, m: Manifest) -> tuple[np.ndarray, bool]:
-    """The input x as [batch, steps(, input_dim)], and whether it came raw."""
+def _input(req: ipb.ModelInferRequest, m: Manifest) -> tuple[np.ndarray, bool, bool]:
+    """The input x as [batch, steps(, input_dim)], whether it had a batch dimension, and
+    whether it came raw."""
     name = m.tensors.x
     if len(req.inputs) != 1 or req.inputs[0].name != name:
         names = ", ".join(repr(t.name) for t in req.inputs) or "none"
@@ -136,7 +138,7 @@ def _input(req: ipb.ModelInferRequest, m: Manifest) -> tuple[np.ndarray, bool]:
             f"{m.input_dim}"
         )
     batched = len(shape) == 2 + inner
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     raw = len(req.raw_input_contents) > 0
     if raw:
         if len(req.raw_input_contents) != 1:
@@ -158,7 +160,7 @@ def _input(req: ipb.ModelInferRequest, m: Manifest) -> tuple[np.ndarray, bool]:
             )
     x = x.astype(np.int64, copy=False) if token else x
     x = x.reshape(shape if batched else [1, *shape])
-    return x, raw
+    return x, batched, raw
 
 
 def _outputs(req: ipb.ModelInferRequest, m: Manifest) -> tuple[Requested, ...]:
@@ -181,7 +183,7 @@ def decode(req: ipb.ModelInferRequest, m: Manifest) -> tuple[F.Frame, Decoded]:
     params = req.parameters
     sid = _sequence_id(params)
     start, end, seq = _flag(params, "sequence_start"), _flag(params, "sequence_end"), _seq(params)
-    x, raw = _input(req, m)
+    x, batched, raw = _input(req, m)
     batch, steps = x.shape[0], x.shape[1]
     if batch == 0 or steps == 0:
         raise InvalidArgument(f"input '{m.tensors.x}' has no steps")
@@ -198,7 +200,7 @@ def decode(req: ipb.ModelInferRequest, m: Manifest) -> tuple[F.Frame, Decoded]:
             ids, np.full(batch, F.APPEND, np.int64), np.ones(batch, bool),
             [F.Block(np.arange(batch, dtype=np.int64), x)], np.ones(batch, bool),
         )  # fmt: skip
-        return frame, Decoded(_batched(req, m), raw, outputs, False)
+        return frame, Decoded(batched, raw, outputs, False)
     if batch != 1:
         raise InvalidArgument(
             f"inference request to model '{m.name}' must specify batch-size 1 due to "
@@ -212,11 +214,7 @@ def decode(req: ipb.ModelInferRequest, m: Manifest) -> tuple[F.Frame, Decoded]:
         [sid], np.array([col], np.int64), np.array([start]),
         [F.Block(np.zeros(1, np.int64), x)], np.array([end]),
     )  # fmt: skip
-    return frame, Decoded(_batched(req, m), raw, outputs, True)
-
-
-def _batched(req: ipb.ModelInferRequest, m: Manifest) -> bool:
-    return len(req.inputs[0].shape) == (2 if m.kind is Kind.token else 3)
+    return frame, Decoded(batched, raw, outputs, True)
 
 
 def answer_bytes(frame: F.Frame, m: Manifest, d: Decoded) -> int:

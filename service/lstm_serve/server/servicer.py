@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,6 +25,9 @@ from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
 Context = grpc.aio.ServicerContext[Any, Any]
 # Metadata a client sends to say the largest answer it accepts (its receive limit), in bytes.
 MAX_RESPONSE_KEY = "lstm-serve-max-response-bytes"
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+P = TypeVar("P")
 
 
 class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
@@ -69,60 +72,30 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         return convert.step_response(mv, result, req.request_id, req.top_k, req.HasField("frame"))
 
     async def Predict(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
-        fut = self._submit(request, PRINCIPAL.get(), _deadline(context), self._limit(context))
+        fut = self._submit(request, PRINCIPAL.get(), deadline_of(context), self._limit(context))
         return self._encode(request, await fut)
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: Context
     ) -> AsyncIterator[pb.StepResponse]:
-        # Up to `window` messages of one stream are queued at once, in the order read; answers
-        # go out in that order. One reader task per stream, one future per message.
         principal = PRINCIPAL.get()
         limit = self._limit(context)
-        deadline = _deadline(context)
-        window = asyncio.Semaphore(self.window)
-        items: deque[tuple[pb.StepRequest, asyncio.Future[StepResult] | ServiceError] | None] = (
-            deque()
-        )
-        ready = asyncio.Event()
+        deadline = deadline_of(context)
 
-        async def read() -> None:
-            try:
-                async for req in request_iterator:
-                    await window.acquire()  # released once its answer is sent
-                    try:
-                        items.append((req, self._submit(req, principal, deadline, limit)))
-                    except ServiceError as exc:
-                        items.append((req, exc))
-                    ready.set()
-            finally:
-                items.append(None)
-                ready.set()
+        def submit(req: pb.StepRequest) -> asyncio.Future[StepResult]:
+            return self._submit(req, principal, deadline, limit)
 
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                while not items:
-                    ready.clear()
-                    await ready.wait()
-                item = items.popleft()
-                if item is None:
-                    break
-                req, fut = item
-                try:
-                    if isinstance(fut, ServiceError):
-                        raise fut
-                    yield self._encode(req, await fut)
-                finally:
-                    window.release()
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
-            for left in items:
-                if left is not None and isinstance(left[1], asyncio.Future):
-                    left[1].cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        async def answer(
+            req: pb.StepRequest, fut: asyncio.Future[StepResult] | ServiceError
+        ) -> pb.StepResponse:
+            if isinstance(fut, ServiceError):
+                raise fut  # ends the stream with its status
+            return self._encode(req, await fut)
+
+        answers = pipeline(request_iterator, submit, answer, asyncio.Future.cancel, self.window)
+        async with contextlib.aclosing(answers):  # a client gone: its reader stops now
+            async for resp in answers:
+                yield resp
 
     async def Forecast(self, request: pb.ForecastRequest, context: Context) -> pb.ForecastResponse:
         decode: Callable[[Manifest], F.Frame] | None = None
@@ -135,7 +108,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         sampling = Sampling(request.temperature, request.top_k, request.seed)
         mv, result = await self.engine.forecast(
             request.model.name, request.model.version, request.session_id, request.horizon,
-            decode, sampling, request.commit, PRINCIPAL.get(), _deadline(context),
+            decode, sampling, request.commit, PRINCIPAL.get(), deadline_of(context),
         )  # fmt: skip
         return convert.forecast_response(mv, result)
 
@@ -168,7 +141,59 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         return convert.model_info(self.engine.get_model(request.name, request.version))
 
 
-def _deadline(context: Context) -> float | None:
+def deadline_of(context: Context) -> float | None:
     """The client's deadline on the engine's clock (time.monotonic), if it set one."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+async def pipeline(
+    requests: AsyncIterator[Req],
+    submit: Callable[[Req], P],
+    answer: Callable[[Req, P | ServiceError], Awaitable[Resp]],
+    cancel: Callable[[P], object],
+    window: int,
+) -> AsyncGenerator[Resp, None]:
+    """A stream's answers, in the order its requests were read, with up to `window` of them
+    queued at once. One reader task per stream: it submits each request as it arrives
+    (`submit` queues it synchronously, so requests queue in the order read; a ServiceError it
+    raises goes to `answer` in the request's place). `cancel` drops what is left when the
+    stream ends early."""
+    slots = asyncio.Semaphore(window)
+    items: deque[tuple[Req, P | ServiceError] | None] = deque()
+    ready = asyncio.Event()
+
+    async def read() -> None:
+        try:
+            async for req in requests:
+                await slots.acquire()  # released once its answer is sent
+                try:
+                    items.append((req, submit(req)))
+                except ServiceError as exc:
+                    items.append((req, exc))
+                ready.set()
+        finally:
+            items.append(None)
+            ready.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            while not items:
+                ready.clear()
+                await ready.wait()
+            item = items.popleft()
+            if item is None:
+                break
+            try:
+                yield await answer(*item)
+            finally:
+                slots.release()
+        await reader  # surfaces a broken request stream
+    finally:
+        reader.cancel()
+        for left in items:
+            if left is not None and not isinstance(left[1], ServiceError):
+                cancel(left[1])
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
