@@ -13,7 +13,7 @@ import pytest
 from lstm_serve.client import Client
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
-from tests.helpers.server import OnePass, ServerThread, code_of, xs
+from tests.helpers.server import OnePass, ServerThread, code_of, inference_blocked, xs
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -214,3 +214,29 @@ def test_authentication_applies(tiny_repo: Path) -> None:
         assert code_of(lambda: stub.ModelInfer(req)) == grpc.StatusCode.UNAUTHENTICATED
         resp = stub.ModelInfer(req, metadata=[("authorization", "Bearer s3cret")])
         assert list(resp.outputs[0].shape) == [1, 1, 3]
+
+
+def test_readiness_follows_the_models_and_draining(tiny_repo: Path) -> None:
+    with (
+        ServerThread(model_repository=tiny_repo, inference_stall_s=0.3, metrics_port=-1) as srv,
+        grpc.insecure_channel(srv.target) as ch,
+    ):
+        stub = ipb_grpc.GRPCInferenceServiceStub(ch)
+
+        def ready(name: str = "") -> bool:
+            if not name:
+                return stub.ServerReady(ipb.ServerReadyRequest()).ready
+            return stub.ModelReady(ipb.ModelReadyRequest(name=name)).ready
+
+        assert ready() and ready("tiny") and ready("tinytok")
+        assert not ready("nope")
+        assert not stub.ModelReady(ipb.ModelReadyRequest(name="tiny", version="9")).ready
+        with inference_blocked(srv):
+            req = infer("tiny", xs(1, 2)[None])
+            assert code_of(lambda: stub.ModelInfer(req, timeout=20)) == grpc.StatusCode.UNAVAILABLE
+            # A stalled worker: that model and the server are not ready; the other model is.
+            assert not ready("tiny") and not ready()
+            assert ready("tinytok")
+        srv.engine.stop_accepting()  # draining
+        assert not ready("tinytok") and not ready()
+        assert stub.ServerLive(ipb.ServerLiveRequest()).live

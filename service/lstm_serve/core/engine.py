@@ -168,6 +168,19 @@ class Engine:
         return self._accepting
 
     @property
+    def ready(self) -> bool:
+        """Accepting, and no model's inference worker has died or stalled."""
+        return self._accepting and all(lm.scheduler.broken is None for lm in self.models.values())
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """The model is loaded, the engine accepting, and its inference worker alive."""
+        try:
+            lm = self.model(name, version)
+        except ServiceError:
+            return False
+        return self._accepting and lm.scheduler.broken is None
+
+    @property
     def idle(self) -> bool:
         return all(lm.scheduler.idle for lm in self.models.values())
 

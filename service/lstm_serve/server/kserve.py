@@ -54,16 +54,12 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
     async def ServerReady(
         self, request: ipb.ServerReadyRequest, context: Context
     ) -> ipb.ServerReadyResponse:
-        return ipb.ServerReadyResponse(ready=self.engine.accepting)
+        return ipb.ServerReadyResponse(ready=self.engine.ready)
 
     async def ModelReady(
         self, request: ipb.ModelReadyRequest, context: Context
     ) -> ipb.ModelReadyResponse:
-        try:
-            self.engine.get_model(request.name, request.version)
-        except ServiceError:
-            return ipb.ModelReadyResponse(ready=False)
-        return ipb.ModelReadyResponse(ready=self.engine.accepting)
+        return ipb.ModelReadyResponse(ready=self.engine.model_ready(request.name, request.version))
 
     async def ServerMetadata(
         self, request: ipb.ServerMetadataRequest, context: Context
