@@ -84,6 +84,11 @@ def _check(cmd: str, server: ServerThread) -> None:
             build_parser(args).parse_args(args)
             return
         raise AssertionError(f"no check for lstm-serve {args[0]}: {cmd}")
+    if words[1:3] == ["-m", "lstm_serve.bench.oip"]:  # run by test_kserve_protocol.py
+        from lstm_serve.bench.oip import build_parser as oip_parser
+
+        oip_parser().parse_args(words[3:])
+        return
     if words[0] == "make":
         r = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, f"{cmd}\n{r.stderr}"

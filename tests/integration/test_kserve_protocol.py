@@ -3,6 +3,7 @@ under both protocols, restarts, what is not implemented, authentication."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,3 +241,15 @@ def test_readiness_follows_the_models_and_draining(tiny_repo: Path) -> None:
         srv.engine.stop_accepting()  # draining
         assert not ready("tinytok") and not ready()
         assert stub.ServerLive(ipb.ServerLiveRequest()).live
+
+
+def test_ping_pong_bench_runs(tiny_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command behind docs/benchmarks.md's OIP figures, on a few rounds."""
+    from lstm_serve.bench import oip
+
+    args = ["--repository", str(tiny_repo), "--model", "tiny", "--rounds", "40", "--warmup", "10"]
+    assert oip.main(args) == 0
+    res = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert res["rounds"] == 40
+    assert res["oip"]["p50"] > 0 and res["v1"]["p50"] > 0
+    assert res["ratio_p50"] == pytest.approx(res["oip"]["p50"] / res["v1"]["p50"])

@@ -75,13 +75,21 @@ async def _measure(target: str, model: str, dim: int, rounds: int, warmup: int) 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lstm_serve.bench.oip", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lstm_serve.bench.oip",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--repository", default="models")
     p.add_argument("--model", default="forecaster")
     p.add_argument("--rounds", type=int, default=3000, help="measured messages per protocol")
     p.add_argument("--warmup", type=int, default=300)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work = make_workdir()
     model = prepare_model(Path(args.repository), args.model, "", work)
     with ServerProcess("lstm-serve", model, work / "server.log") as srv:
