@@ -33,7 +33,7 @@ from lstm_serve.core.errors import (
     SessionNotFound,
     Unavailable,
 )
-from lstm_serve.core.frame import APPEND, Frame, digest
+from lstm_serve.core.frame import CONTINUE, Frame, digest
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.replay import ReplayCache, ReplayEntry
 from lstm_serve.core.rollout import ForecastResult, Rollout
@@ -352,17 +352,20 @@ class Scheduler:
 
     def _single(self, job: StepJob) -> bool:
         """The streaming case, in scalars: one request of one session that appends (or starts
-        the session), small enough to run inline. False leaves it to the general path."""
+        the session), small enough to run inline. False leaves it to the general path (which
+        also ends sessions)."""
         frame = job.frame
         x = frame.blocks[0].x
         t = x.shape[1]
         if t > self.limits.inline_max_steps or bool(frame.reset[0]):
             return False
+        if frame.end is not None and bool(frame.end[0]):
+            return False
         store, key = self.store, job.keys[0]
         seq = int(frame.seq[0])
         slot = store.slots.get(key)
         if slot is None:
-            if seq > 0 or store.free == 0:
+            if seq > 0 or seq == CONTINUE or store.free == 0:
                 return False  # not found, or the cap: the general path says which
             layers, _, hidden = store.h.shape
             h = np.zeros((layers, 1, hidden), np.float32)
@@ -370,7 +373,7 @@ class Scheduler:
             base = 0
         else:
             base = int(store.next_seq[slot])
-            if seq != APPEND and seq != base:
+            if seq >= 0 and seq != base:
                 return False  # a retry or a gap
             h = store.h[:, slot : slot + 1].copy()
             c = store.c[:, slot : slot + 1].copy()
