@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstm_serve.core.repository import Kind, Manifest, load_repository
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
+from tests.helpers.redis import RedisServer
 from tests.helpers.server import ServerThread
 
 # Small on purpose: the traffic below crosses the session cap (LRU evictions) and leaves
@@ -160,11 +161,20 @@ def _model_repository(request: pytest.FixtureRequest, shipped: Path) -> Path:
 
 
 # Package scope: the server and its load stop when tests/deploy is done, before other tests run.
+# The server keeps its sessions in a real Redis, as a cluster replica does, so that every panel
+# (the session store's too) has data.
 @pytest.fixture(scope="package")
-def live_server(request: pytest.FixtureRequest, shipped_models_dir: Path) -> Iterator[LiveServer]:
+def live_server(
+    request: pytest.FixtureRequest,
+    shipped_models_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
     repo = _model_repository(request, shipped_models_dir)
+    redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    request.addfinalizer(redis.stop)
     server = ServerThread(
         model_repository=repo,
+        state_store=redis.url,
         max_sessions=MAX_SESSIONS,
         cap_policy="evict_lru",
         session_ttl_s=SESSION_TTL_S,

@@ -28,7 +28,11 @@ def compose(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+@pytest.mark.parametrize(
+    "profile",
+    [[], ["--profile", "gpu"], ["--profile", "cluster"]],
+    ids=["default", "gpu", "cluster"],
+)
 def test_compose_config_validates(profile: list[str]) -> None:
     r = compose(*profile, "config", "-q")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -37,9 +41,11 @@ def test_compose_config_validates(profile: list[str]) -> None:
     services = yaml.safe_load(rendered.stdout)["services"]
     assert {"lstm-serve", "prometheus", "grafana"} <= set(services)
     assert all("profiles" not in services[s] for s in ("lstm-serve", "prometheus", "grafana"))
+    if "cluster" in profile or "envoy" in services:
+        assert {"envoy", "redis", "lstm-serve-replica"} <= set(services)
     # docker-compose v1 renders every service and applies profiles at `up`; v2 renders only
     # the active ones. Either way the GPU server belongs to the gpu profile alone.
-    if profile or "lstm-serve-gpu" in services:
+    if "gpu" in profile or "lstm-serve-gpu" in services:
         gpu = services["lstm-serve-gpu"]
         assert gpu["profiles"] == ["gpu"]
         (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
@@ -90,5 +96,5 @@ def test_prometheus_scrapes_every_server_service_on_its_metrics_port() -> None:
     servers = {
         n for n, s in _compose()["services"].items() if s.get("image", "").startswith("lstm-serve")
     }
-    assert set(sd["names"]) == servers == {"lstm-serve", "lstm-serve-gpu"}
+    assert set(sd["names"]) == servers == {"lstm-serve", "lstm-serve-gpu", "lstm-serve-replica"}
     assert sd["port"] == Settings.model_fields["metrics_port"].default

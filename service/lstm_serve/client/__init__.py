@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,19 @@ F32 = np.dtype("<f4")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
              grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED}  # fmt: skip
 ArrayLike = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
+# Call metadata a proxy routes on (Envoy's ring hash): one session's calls reach one replica.
+ROUTE_HEADER = "x-lstm-serve-route"
+
+
+def routed(metadata: tuple[tuple[str, str], ...], route: str | None) -> tuple[tuple[str, str], ...]:
+    return metadata if not route else (*metadata, (ROUTE_HEADER, route))
+
+
+def route_of(request: pb.StepRequest, gateway_id: str) -> str:
+    """The routing key of a request: its session, or the gateway's id for many sessions."""
+    if not request.HasField("frame") and len(request.sessions) == 1:
+        return request.sessions[0].session_id
+    return gateway_id
 
 
 @dataclass(frozen=True)
@@ -179,6 +193,10 @@ class Connection:
         limit = (("lstm-serve-max-response-bytes", str(self.max_message_bytes)),)
         return (("authorization", f"Bearer {self.token}"), *limit) if self.token else limit
 
+    def routed(self, route: str | None) -> tuple[tuple[str, str], ...]:
+        """The metadata of a call, with its routing key."""
+        return routed(self.metadata, route)
+
     @property
     def options(self) -> list[tuple[str, Any]]:
         return [
@@ -197,9 +215,13 @@ class Connection:
 class Client:
     """Blocking client. Every call takes an optional timeout (seconds)."""
 
-    def __init__(self, target: str | Connection, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self, target: str | Connection, timeout: float | None = 30.0, gateway_id: str = ""
+    ) -> None:
         self.conn = target if isinstance(target, Connection) else Connection(target)
         self.timeout = timeout
+        # Routes this client's frames (of many sessions) to one replica.
+        self.gateway_id = gateway_id or uuid.uuid4().hex
         self._open()
 
     def _open(self) -> None:
@@ -224,12 +246,13 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout or self.timeout, "metadata": self.conn.metadata}
+    def _kw(self, timeout: float | None, route: str | None = None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self.conn.routed(route)}
 
     def step(self, request: pb.StepRequest, timeout: float | None = None) -> list[StepResult]:
         """Send one request (one session or a gateway frame of many)."""
-        return step_results(self.stub.Predict(request, **self._kw(timeout)))
+        kw = self._kw(timeout, route_of(request, self.gateway_id))
+        return step_results(self.stub.Predict(request, **kw))
 
     def step_frame(
         self, model: str, session_ids: Sequence[str], x: np.ndarray,
@@ -239,7 +262,7 @@ class Client:
     ) -> FrameResult:  # fmt: skip
         """Many sessions' steps in one columnar message (see frame_request), run as one batch."""
         req = frame_request(model, session_ids, x, seqs, resets, version=version, top_k=top_k)
-        return frame_result(req, self.stub.Predict(req, **self._kw(timeout)))
+        return frame_result(req, self.stub.Predict(req, **self._kw(timeout, self.gateway_id)))
 
     def predict(
         self, model: str, session_id: str, x: ArrayLike | None = None, *,
@@ -262,7 +285,7 @@ class Client:
         )  # fmt: skip
         if prefix is not None:
             req.prefix.CopyFrom(prefix)
-        r = self.stub.Forecast(req, **self._kw(timeout))
+        r = self.stub.Forecast(req, **self._kw(timeout, session_id))
         y = np.frombuffer(r.y, F32).reshape(r.steps, -1) if r.y else np.empty((r.steps, 0), F32)
         return ForecastOutput(y, list(r.tokens), r.next_seq)
 
@@ -275,17 +298,23 @@ class Client:
 
     def get_session(self, model: str, session_id: str, version: str = "") -> SessionState:
         return self._state(
-            self.stub.GetSession(self._ref(model, session_id, version), **self._kw(None))
+            self.stub.GetSession(
+                self._ref(model, session_id, version), **self._kw(None, session_id)
+            )
         )
 
     def reset_session(self, model: str, session_id: str, version: str = "") -> SessionState:
         return self._state(
-            self.stub.ResetSession(self._ref(model, session_id, version), **self._kw(None))
+            self.stub.ResetSession(
+                self._ref(model, session_id, version), **self._kw(None, session_id)
+            )
         )
 
     def end_session(self, model: str, session_id: str, version: str = "") -> SessionState:
         return self._state(
-            self.stub.EndSession(self._ref(model, session_id, version), **self._kw(None))
+            self.stub.EndSession(
+                self._ref(model, session_id, version), **self._kw(None, session_id)
+            )
         )
 
     def list_models(self) -> list[pb.ModelInfo]:
@@ -335,7 +364,7 @@ class SessionStream:
         q: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
         self._requests = q
         self._responses = self.client.stub.Stream(
-            iter(q.get, None), metadata=self.client.conn.metadata
+            iter(q.get, None), metadata=routed(self.client.conn.metadata, self.session_id)
         )
 
     def close(self) -> None:
@@ -380,9 +409,13 @@ class SessionStream:
 class AsyncClient:
     """asyncio client, same calls as Client."""
 
-    def __init__(self, target: str | Connection, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self, target: str | Connection, timeout: float | None = 30.0, gateway_id: str = ""
+    ) -> None:
         self.conn = target if isinstance(target, Connection) else Connection(target)
         self.timeout = timeout
+        # Routes this client's frames (of many sessions) to one replica.
+        self.gateway_id = gateway_id or uuid.uuid4().hex
         self._open()
 
     def _open(self) -> None:
@@ -407,11 +440,12 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout or self.timeout, "metadata": self.conn.metadata}
+    def _kw(self, timeout: float | None, route: str | None = None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self.conn.routed(route)}
 
     async def step(self, request: pb.StepRequest, timeout: float | None = None) -> list[StepResult]:
-        return step_results(await self.stub.Predict(request, **self._kw(timeout)))
+        kw = self._kw(timeout, route_of(request, self.gateway_id))
+        return step_results(await self.stub.Predict(request, **kw))
 
     async def step_frame(
         self, model: str, session_ids: Sequence[str], x: np.ndarray,
@@ -421,7 +455,8 @@ class AsyncClient:
     ) -> FrameResult:  # fmt: skip
         """Many sessions' steps in one columnar message (see frame_request), run as one batch."""
         req = frame_request(model, session_ids, x, seqs, resets, version=version, top_k=top_k)
-        return frame_result(req, await self.stub.Predict(req, **self._kw(timeout)))
+        kw = self._kw(timeout, self.gateway_id)
+        return frame_result(req, await self.stub.Predict(req, **kw))
 
     async def predict(
         self, model: str, session_id: str, x: ArrayLike | None = None, *,
@@ -435,12 +470,12 @@ class AsyncClient:
 
     async def get_session(self, model: str, session_id: str, version: str = "") -> SessionState:
         ref = pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
-        info = await self.stub.GetSession(ref, **self._kw(None))
+        info = await self.stub.GetSession(ref, **self._kw(None, session_id))
         return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
 
     async def end_session(self, model: str, session_id: str, version: str = "") -> SessionState:
         ref = pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
-        info = await self.stub.EndSession(ref, **self._kw(None))
+        info = await self.stub.EndSession(ref, **self._kw(None, session_id))
         return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
 
     def session(
@@ -497,7 +532,7 @@ class AsyncSessionStream:
         channel = getattr(self.client, "channel", None)
         if channel is not None and channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN:
             await self.client.reconnect()  # our channel was closed under us
-        call = self.client.stub.Stream(metadata=self.client.conn.metadata)
+        call = self.client.stub.Stream(metadata=routed(self.client.conn.metadata, self.session_id))
         self._call, self._call_channel = call, getattr(self.client, "channel", None)
         reader = asyncio.create_task(self._read(call))
         self._readers.add(reader)

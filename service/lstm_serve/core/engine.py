@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from lstm_serve.core.runtime import Device, ModelRuntime, choose_device
 from lstm_serve.core.scheduler import Limits, Scheduler, SessionStatus, StepResult
 from lstm_serve.core.snapshot import read_snapshot, write_snapshot
 from lstm_serve.core.store import CapPolicy, SessionStore
+from lstm_serve.core.sync import AnswerMode, StateSync
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,14 @@ class EngineSettings(Protocol):
     def snapshot_dir(self) -> Path | None: ...
     @property
     def snapshot_interval_s(self) -> float: ...
+    @property
+    def state_store(self) -> str: ...
+    @property
+    def state_answer(self) -> AnswerMode: ...
+    @property
+    def state_store_timeout_s(self) -> float: ...
+    @property
+    def state_replies(self) -> int: ...
 
 
 @dataclass(eq=False)
@@ -80,6 +89,10 @@ class LoadedModel:
     @property
     def store(self) -> SessionStore:
         return self.scheduler.store
+
+    @property
+    def sync(self) -> StateSync | None:
+        return self.scheduler.sync
 
     @property
     def token(self) -> bool:
@@ -119,6 +132,7 @@ class Engine:
         self.device = "cpu"
         # Called with (model name, reason) when a model's inference worker dies or stalls.
         self.on_model_failed: Callable[[str, str], None] | None = None
+        self._redis: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -142,7 +156,10 @@ class Engine:
             )  # fmt: skip
             lm = LoadedModel(mv, sched, label)
             sched.on_broken = lambda reason, name=m.name: self._model_failed(name, reason)
-            self._restore(lm)
+            if s.state_store == "memory":
+                self._restore(lm)
+            else:  # the shared store holds the sessions: replicas start empty
+                self._share(lm, probes)
             self.models[mv.key] = lm
             probes.sessions.set(len(store))
             probes.capacity.set(s.max_sessions)
@@ -151,13 +168,30 @@ class Engine:
                 label, m.kind.value, m.layers, m.hidden_size, runtime.device, len(store),
             )  # fmt: skip
         self._tasks.append(asyncio.create_task(self._reap_forever()))
-        if s.snapshot_dir is not None and s.snapshot_interval_s > 0:
+        shared = s.state_store != "memory"
+        if s.snapshot_dir is not None and s.snapshot_interval_s > 0 and not shared:
             self._tasks.append(asyncio.create_task(self._snapshot_forever()))
         self._accepting = True
 
     def _model_failed(self, name: str, reason: str) -> None:
         if self.on_model_failed is not None:
             self.on_model_failed(name, reason)
+
+    def _share(self, lm: LoadedModel, probes: Probes) -> None:
+        from lstm_serve.core.redis_store import RedisRemote, connect
+
+        s = self.settings
+        if self._redis is None:
+            self._redis = connect(s.state_store, s.state_store_timeout_s)
+        m = lm.mv.manifest
+        # The weights' hash is part of the namespace: other weights never read this state.
+        space = f"{lm.label}:{m.sha256[:12]}"
+        remote = RedisRemote(
+            self._redis, space, m.layers, m.hidden_size, m.output_dim, s.session_ttl_s,
+            s.state_replies,
+        )  # fmt: skip
+        acked = s.state_answer is AnswerMode.acked
+        StateSync(lm.scheduler, remote, probes, acked, s.state_replies)
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -182,7 +216,9 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return all(lm.scheduler.idle for lm in self.models.values())
+        return all(
+            lm.scheduler.idle and (lm.sync is None or lm.sync.idle) for lm in self.models.values()
+        )
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting, then wait for queued and running work; True when all finished."""
@@ -204,8 +240,11 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
-        await self.snapshot()
+        if self.settings.state_store == "memory":
+            await self.snapshot()
         for lm in self.models.values():
+            if lm.sync is not None:  # the drain's last writes
+                await lm.sync.close()
             await asyncio.to_thread(lm.scheduler.close)
 
     # -- models --------------------------------------------------------------------------------
@@ -280,7 +319,8 @@ class Engine:
         try:
             frame = self._frame(lm, source)
             keys = frame.ids if not principal else [session_key(principal, i) for i in frame.ids]
-            return lm.scheduler.submit_step(frame, keys, deadline)
+            fut = lm.scheduler.submit_step(frame, keys, deadline)
+            return fut if lm.sync is None else lm.sync.acked(fut, keys)
         except ServiceError as exc:
             self._refused(lm, "Step", exc)
             raise
@@ -351,6 +391,8 @@ class Engine:
                 lm.token, px, loop.create_future(), deadline, time.perf_counter(),
             )  # fmt: skip
             fut = lm.scheduler.submit_rollout(rollout)
+            if lm.sync is not None:
+                fut = lm.sync.acked(fut, [rollout.key])
         except ServiceError as exc:
             self._refused(lm, "Forecast", exc)
             raise
@@ -358,16 +400,22 @@ class Engine:
 
     # -- session management --------------------------------------------------------------------
 
-    def get_session(
+    async def get_session(
         self, name: str, version: str, session_id: str, principal: str = ""
     ) -> tuple[ModelVersion, SessionStatus]:
         lm = self._admit("GetSession", name, version)
+        key = session_key(principal, session_id)
         try:
             F.check_ids([session_id], 1)
+            status = lm.scheduler.status(key, session_id)
+            sync = lm.sync
+            if sync is not None:
+                # Another replica may own it: the shared store knows (no claim: a look only).
+                n = await sync.peek(key)
+                status = SessionStatus(session_id, n is not None, n or 0, 0.0)
         except ServiceError as exc:
             self._refused(lm, "GetSession", exc)
             raise
-        status = lm.scheduler.status(session_key(principal, session_id), session_id)
         self._count(lm.label, "GetSession", "OK")
         return lm.mv, status
 
@@ -377,9 +425,10 @@ class Engine:
         lm = self._admit(method, name, version)
         try:
             F.check_ids([session_id], 1)
-            fut = lm.scheduler.submit_op(
-                kind, session_id, session_key(principal, session_id), method
-            )
+            key = session_key(principal, session_id)
+            fut = lm.scheduler.submit_op(kind, session_id, key, method)
+            if lm.sync is not None:
+                fut = lm.sync.acked(fut, [key])
         except ServiceError as exc:
             self._refused(lm, method, exc)
             raise

@@ -4,7 +4,7 @@ children (server/metrics.py), the core's own tests with plain counters."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -34,6 +34,12 @@ class Probes:
     worker_failures: Incrementer
     # (method, status code name) -> the counter of such requests
     requests: Callable[[str, str], Incrementer]
+    # the shared session store (core/sync.py), when one is used
+    store_claim_seconds: Observer = field(default_factory=lambda: _Nothing())
+    store_write_seconds: Observer = field(default_factory=lambda: _Nothing())
+    store_loaded: Incrementer = field(default_factory=lambda: _Nothing())
+    store_fenced: Incrementer = field(default_factory=lambda: _Nothing())
+    store_errors: Incrementer = field(default_factory=lambda: _Nothing())
 
 
 class _Nothing:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from lstm_serve.core.probes import Probes
 from lstm_serve.core.replay import ReplayCache, ReplayEntry
 from lstm_serve.core.rollout import ForecastResult, Rollout
 from lstm_serve.core.store import CapPolicy, SessionStore
+
+if TYPE_CHECKING:
+    from lstm_serve.core.sync import StateSync
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +166,8 @@ class Scheduler:
         self.broken: str | None = None
         self.on_broken: Callable[[str], None] | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
+        # A shared store (core/sync.py) when replicas share sessions; None in the default.
+        self.sync: StateSync | None = None
 
     # -- submitting ----------------------------------------------------------------------------
 
@@ -250,12 +255,21 @@ class Scheduler:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
-            # Requests held back this tick (their session was taken) need another one.
-            if not self._busy and (self.pending or self.rollouts):
+            if self.sync is not None and not self._busy:
+                self.sync.flush()
+            # Requests held back this tick (their session was taken) need another one; those
+            # waiting for a load are kicked when it ends.
+            if not self._busy and (self.rollouts or (self.pending and self._runnable())):
                 self._kick()
+
+    def _runnable(self) -> bool:
+        return self.sync is None or self.sync.runnable(self.pending)
 
     def _tick_once(self) -> None:
         self.ticks += 1
+        sync = self.sync
+        if sync is not None:
+            sync.before_tick()
         now = time.monotonic()
         taken = {r.key for r in self.rollouts}
         jobs: list[StepJob] = []
@@ -269,7 +283,8 @@ class Scheduler:
             self.queued -= job.rows
             if job.future.done():
                 continue  # its caller went away before it started
-            if full or not taken.isdisjoint(job.keys):
+            # A session this replica does not hold waits while sync loads it.
+            if full or not taken.isdisjoint(job.keys) or (sync is not None and not sync.ready(job)):
                 keep.append(job)
                 self.queued += job.rows
                 taken.update(job.keys)
@@ -576,7 +591,9 @@ class Scheduler:
         finally:
             self._busy = False
             self._inflight = None
-            if self.pending or self.rollouts:
+            if self.sync is not None:
+                self.sync.flush()
+            if self.rollouts or (self.pending and self._runnable()):
                 self._kick()
 
     def _commit(self, tick: _Tick, results: list[Outputs | BaseException]) -> None:
@@ -857,7 +874,7 @@ class Scheduler:
             status = SessionStatus(job.session_id, True, 0, idle)
         else:
             status = SessionStatus(job.session_id, False, int(store.next_seq[slot]), idle)
-            store.remove(job.keys)
+            store.remove(job.keys, ended=True)
             self.probes.sessions.set(len(store))
         if not job.future.done():
             job.future.set_result(status)

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import numpy as np
 
@@ -27,6 +28,13 @@ class CapPolicy(StrEnum):
 
     refuse = "refuse"
     evict_lru = "evict_lru"
+
+
+class Journal(Protocol):
+    """Told of every change, so a shared store (core/sync.py) can write it through."""
+
+    def changed(self, slots: np.ndarray) -> None: ...
+    def removed(self, keys: list[str], ended: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,8 @@ class SessionStore:
         self._free: list[int] = []
         self._high = 0
         self._gen = 0
+        # None in the embedded default: the hot path pays one attribute test per change.
+        self.journal: Journal | None = None
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -110,6 +120,33 @@ class SessionStore:
 
     def create(self, keys: Sequence[str], now: float | None = None) -> np.ndarray:
         """New sessions with a zero state; the caller made room (make_room)."""
+        slots = self._alloc(keys)
+        self._zero(slots)
+        self.last_used[slots] = time.monotonic() if now is None else now
+        if self.journal is not None:
+            self.journal.changed(slots)
+        return slots
+
+    def adopt(
+        self,
+        keys: Sequence[str],
+        h: np.ndarray,
+        c: np.ndarray,
+        last_y: np.ndarray,
+        next_seq: np.ndarray,
+    ) -> np.ndarray:
+        """Sessions loaded from a shared store, as they are there (h, c [n, layers, hidden]);
+        not journaled: nothing changed. The caller made room."""
+        slots = self._alloc(keys)
+        self._zero(slots)
+        self.h[:, slots] = h.transpose(1, 0, 2)
+        self.c[:, slots] = c.transpose(1, 0, 2)
+        self.last_y[slots] = last_y
+        self.next_seq[slots] = next_seq
+        self.last_used[slots] = time.monotonic()
+        return slots
+
+    def _alloc(self, keys: Sequence[str]) -> np.ndarray:
         n = len(keys)
         if n > self.free:
             raise ResourceExhausted(f"session store full ({self.capacity} sessions)")
@@ -124,8 +161,6 @@ class SessionStore:
             self.slots[key] = slot
             self.keys[slot] = key
             slots[i] = slot
-        self._zero(slots)
-        self.last_used[slots] = time.monotonic() if now is None else now
         return slots
 
     def _zero(self, slots: np.ndarray) -> None:
@@ -138,9 +173,17 @@ class SessionStore:
 
     def reset(self, slot: int) -> None:
         """A zero state and seq 0, as if the session had just begun."""
-        self._zero(np.array([slot], np.int64))
+        s = np.array([slot], np.int64)
+        self._zero(s)
+        if self.journal is not None:
+            self.journal.changed(s)
 
-    def remove(self, keys: Iterable[str]) -> int:
+    def remove(self, keys: Iterable[str], ended: bool = False) -> int:
+        """Forget sessions here; ended: the client ended them (a shared store forgets them too,
+        while evicted and expired ones live on there)."""
+        if self.journal is not None:
+            keys = list(keys)
+            self.journal.removed(keys, ended)
         n = 0
         for key in keys:
             slot = self.slots.pop(key, None)
@@ -199,6 +242,8 @@ class SessionStore:
         self.c[:, slots] = c
         self.last_y[slots] = last_y
         self.next_seq[slots] = next_seq
+        if self.journal is not None:
+            self.journal.changed(slots)
 
     def expired(self, ttl_s: float, now: float, protect: set[str]) -> list[str]:
         """Sessions idle for longer than ttl_s, from the least recently used on."""

@@ -31,6 +31,10 @@ class Metrics:
     sessions_evicted: Counter
     worker_failures: Counter
     requests: Counter
+    store_seconds: Histogram
+    store_loaded: Counter
+    store_fenced: Counter
+    store_errors: Counter
     grpc_started: Counter
     grpc_handled: Counter
     grpc_handling: Histogram
@@ -63,6 +67,11 @@ class Metrics:
             evicted_ttl=self.sessions_evicted.labels(label, "ttl"),
             worker_failures=self.worker_failures.labels(label),
             requests=lambda method, code: self._request(label, method, code),
+            store_claim_seconds=self.store_seconds.labels(label, "claim"),
+            store_write_seconds=self.store_seconds.labels(label, "write"),
+            store_loaded=self.store_loaded.labels(label),
+            store_fenced=self.store_fenced.labels(label),
+            store_errors=self.store_errors.labels(label),
         )
 
     @classmethod
@@ -136,6 +145,32 @@ class Metrics:
                 "lstm_serve_requests_total",
                 "Engine requests by method and final gRPC status code.",
                 ["model", "method", "code"],
+                registry=r,
+            ),
+            # The shared session store of a cluster (LSTM_SERVE_STATE_STORE=redis://...).
+            store_seconds=Histogram(
+                "lstm_serve_store_seconds",
+                "Round trip of one call to the shared session store: op claim (load sessions) or write (one batch of changed sessions).",
+                ["model", "op"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            store_loaded=Counter(
+                "lstm_serve_store_sessions_loaded_total",
+                "Sessions loaded from the shared store by this replica (it did not hold them).",
+                ["model"],
+                registry=r,
+            ),
+            store_fenced=Counter(
+                "lstm_serve_store_fenced_writes_total",
+                "Session writes refused because another replica claimed the session since (the local copy is dropped).",
+                ["model"],
+                registry=r,
+            ),
+            store_errors=Counter(
+                "lstm_serve_store_errors_total",
+                "Calls to the shared session store that failed (unreachable, timed out or refused).",
+                ["model"],
                 registry=r,
             ),
             # The names and labels of the ecosystem's gRPC server metrics (go-grpc-prometheus).

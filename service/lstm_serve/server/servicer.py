@@ -113,7 +113,7 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         return convert.forecast_response(mv, result)
 
     async def GetSession(self, request: pb.SessionRef, context: Context) -> pb.SessionInfo:
-        mv, status = self.engine.get_session(
+        mv, status = await self.engine.get_session(
             request.model.name, request.model.version, request.session_id, PRINCIPAL.get()
         )
         return convert.session_info(mv, status)

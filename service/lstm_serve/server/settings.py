@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lstm_serve.core.runtime import Device
 from lstm_serve.core.store import CapPolicy
+from lstm_serve.core.sync import AnswerMode
 
 DEFAULT_MODELS = Path(__file__).resolve().parents[3] / "models"
 
@@ -150,6 +151,23 @@ class Settings(BaseSettings):
     )
     auth_tokens: str = Field(
         "", description="Comma-separated 'client-name:token' pairs, added to auth_tokens_file's."
+    )
+    state_store: str = Field(
+        "memory",
+        pattern=r"^(memory|rediss?://.+)$",
+        description="Where session state lives: memory (this process) or a redis:// URL shared by replicas.",
+    )
+    state_answer: AnswerMode = Field(
+        AnswerMode.acked,
+        description="With a shared store: answer a step after the store acknowledged it (acked: nothing answered is lost) or at once (early: a crash loses the steps not yet written).",
+    )
+    state_store_timeout_s: float = Field(
+        2.0, gt=0, description="Timeout of one call to the shared session store."
+    )
+    state_replies: int = Field(
+        32,
+        ge=1,
+        description="With a shared store: replies kept per session there, so that retries of that many pipelined requests are answered again on any replica.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
 
