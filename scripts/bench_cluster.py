@@ -111,8 +111,8 @@ async def failover(envoy: Envoy, victim: Replica, model: str, dim: int) -> dict[
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--model-repository", type=Path, default=ROOT / "models")
     ap.add_argument("--model", default="forecaster")
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -120,7 +120,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    args = parser().parse_args()
     repo = load_repository(args.model_repository)
     mv = repo.get(args.model, "")
     dim = mv.manifest.input_dim

@@ -103,6 +103,13 @@ def _check(cmd: str, server: ServerThread) -> None:
     if words[:2] == ["docker", "run"]:
         _check_run(words)
         return
+    if words[0].endswith("python") and words[1].startswith("scripts/"):
+        _check_script(words[1], words[2:])
+        return
+    if words[:3] == ["kubectl", "apply", "-k"]:
+        # The manifests themselves: tests/deploy/test_cluster_deploy.py validates each one.
+        assert (ROOT / words[3] / "kustomization.yaml").is_file(), cmd
+        return
     if words[0] == "curl" and "localhost:9090/api/v1/targets" in cmd:
         # Prometheus's targets API: tests/deploy/test_e2e_prometheus.py scrapes a live server
         # with the compose file's scrape config and asks this same API.
@@ -125,6 +132,20 @@ def _check_compose(words: list[str]) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, f"{words}\n{r.stderr}"
+    if "--scale" in words:
+        service = words[words.index("--scale") + 1].split("=")[0]
+        assert f"\n  {service}:\n" in compose_file.read_text(), words
+
+
+def _check_script(path: str, args: list[str]) -> None:
+    """A script's command line parses (scripts that run for minutes are not run here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("doc_script", ROOT / path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.parser().parse_args(args)
 
 
 def _stages() -> set[str]:
