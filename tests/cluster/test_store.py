@@ -240,3 +240,37 @@ def test_a_drained_replica_hands_its_sessions_over(
         assert a.engine.models["tiny", "1"].sync is not None
         assert b.engine.models["tiny", "1"].store.__len__() == 1
     np.testing.assert_allclose(y, oracle.run(x)[0][6:], atol=ATOL)
+
+
+def test_a_triton_sequence_moves_between_replicas_and_its_end_ends_it_everywhere(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: Oracle
+) -> None:
+    """The Open Inference Protocol's sequences (sequence_id, start, end) share the space too."""
+    from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
+    from tests.integration.test_kserve_protocol import infer, y_of
+
+    def call(stub: ipb_grpc.GRPCInferenceServiceStub, req: object) -> np.ndarray:
+        for _ in range(3):  # UNAVAILABLE is retried, as clients do
+            try:
+                return y_of(stub.ModelInfer(req))
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+        raise AssertionError("still UNAVAILABLE")
+
+    a, b = pair
+    x = xs(9, 6)
+    with grpc.insecure_channel(a.target) as ch_a, grpc.insecure_channel(b.target) as ch_b:
+        sa, sb = ipb_grpc.GRPCInferenceServiceStub(ch_a), ipb_grpc.GRPCInferenceServiceStub(ch_b)
+        y1 = call(sa, infer("tiny", x[None, :2], seq_id="tri", start=True))
+        y2 = call(sb, infer("tiny", x[None, 2:4], seq_id="tri"))
+        y3 = call(sa, infer("tiny", x[None, 4:], seq_id="tri", end=True))  # A's copy was stale
+        ys = np.concatenate([y.reshape(-1, 3) for y in (y1, y2, y3)])
+        np.testing.assert_allclose(ys, oracle.run(x)[0], atol=ATOL)
+        (key,) = redis_server.client().keys("lstm-serve:tiny:1:*:{tri}")
+        assert redis_server.client().hget(key, "n") is None  # ended: gone from the store
+        with pytest.raises(grpc.RpcError) as info:
+            call(sb, infer("tiny", x[None, :1], seq_id="tri"))  # B's copy is stale too
+        # Triton's answer for a sequence that does not exist (any more).
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "START" in (info.value.details() or "")

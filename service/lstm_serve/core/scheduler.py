@@ -680,7 +680,7 @@ class Scheduler:
             if end is not None and tick.ok[j] and end.any():
                 ended += [job.keys[i] for i in np.flatnonzero(end).tolist()]
         if ended:
-            self.store.remove(ended)
+            self.store.remove(ended, ended=True)
 
     def _answer_all(
         self,
