@@ -55,7 +55,7 @@ class Runner(Protocol):
 class Limits:
     max_batch: int = 256  # most rows in one inference call
     max_queue: int = 4096  # most sessions waiting
-    inline_max_steps: int = 32  # batches of up to this many session-steps run on the loop
+    inline_max_steps: int = 128  # batches of up to this many session-steps run on the loop
     cap_policy: CapPolicy = CapPolicy.refuse
     stall_s: float = 120.0  # an inference call longer than this is a dead worker
 

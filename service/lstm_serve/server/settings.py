@@ -52,9 +52,9 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(256, ge=1, description="Most sessions run in one inference call.")
     inline_max_steps: int = Field(
-        32,
+        128,
         ge=0,
-        description="Batches of up to this many session-steps run ONNX Runtime on the event loop; larger ones in a thread (0: always a thread).",
+        description="Batches of up to this many session-steps run ONNX Runtime on the event loop (no thread hop; the loop waits for it); larger ones in a thread (0: always a thread). Chosen with scripts/inline_threshold.py.",
     )
     inference_stall_s: float = Field(
         120.0,
