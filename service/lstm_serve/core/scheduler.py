@@ -53,7 +53,7 @@ class Runner(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_batch: int = 256  # most rows in one inference call
+    max_batch: int = 1024  # most rows in one inference call
     max_queue: int = 4096  # most sessions waiting
     inline_max_steps: int = 128  # batches of up to this many session-steps run on the loop
     cap_policy: CapPolicy = CapPolicy.refuse

@@ -50,7 +50,11 @@ class Settings(BaseSettings):
         ge=0,
         description="ONNX Runtime intra-op threads per model (0: one per core). One leaves the other cores to gRPC.",
     )
-    max_batch_size: int = Field(256, ge=1, description="Most sessions run in one inference call.")
+    max_batch_size: int = Field(
+        1024,
+        ge=1,
+        description="Most sessions run in one scheduler tick and one inference call: several gateway frames share a call.",
+    )
     inline_max_steps: int = Field(
         128,
         ge=0,
