@@ -73,6 +73,19 @@ def test_models_lists_the_repository(tiny_repo: Path) -> None:
     assert {m["name"]: m["hidden_size"] for m in manifests} == {"tiny": 16, "tinytok": 16}
 
 
+def test_models_shows_the_held_out_scores(shipped_models_dir: Path) -> None:
+    proc = cli("models", "--model-repository", str(shipped_models_dir))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((shipped_models_dir / "forecaster" / "1" / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    for h in metrics["horizons"]:
+        line = next(x for x in proc.stdout.splitlines() if f"{h} step" in x and "test MAE" in x)
+        assert f"LSTM {metrics['model'][f'h{h}']['mae']:.3f}" in line
+        for name, b in metrics["baselines"].items():
+            assert f"{name} {b[f'h{h}']['mae']:.3f}" in line
+    assert "test bits/char: LSTM" in proc.stdout
+
+
 def test_models_reports_a_broken_version(tiny_repo_copy: Path) -> None:
     manifest = tiny_repo_copy / "tiny" / "1" / "manifest.json"
     raw = json.loads(manifest.read_text())

@@ -39,7 +39,7 @@ def test_python_example(server: ServerThread) -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     values = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", lines[0])]
-    assert len(values) == 6  # 2 + 1 steps x 2 cities, each a forecast of the next hour
+    assert len(values) == 6  # 2 + 1 steps x (temperature, dew point), each for the next hour
     assert all(-10 < v < 35 for v in values)  # plausible temperatures in °C
     assert lines[0].endswith(" 3")  # next_seq
     assert lines[1] == "(24, 2)"

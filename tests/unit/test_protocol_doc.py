@@ -29,7 +29,7 @@ def test_request_bytes_match_the_doc() -> None:
         model=pb.ModelRef(name="forecaster"),
         request_id="r1",
         sessions=[
-            pb.SessionSteps(session_id="s1", seq=0, x=np.array([8.9, 12.1], "<f4").tobytes())
+            pb.SessionSteps(session_id="s1", seq=0, x=np.array([12.1, 8.9], "<f4").tobytes())
         ],
     )
     assert _hex_only("StepRequest (36 bytes)") == req.SerializeToString()
@@ -42,5 +42,5 @@ def test_response_bytes_match_the_doc() -> None:
     assert (resp.model.name, resp.model.version) == ("forecaster", "1")
     s = resp.sessions[0]
     assert (s.session_id, s.seq, s.next_seq, s.steps) == ("s1", 0, 1, 1)
-    np.testing.assert_array_equal(np.frombuffer(s.y, "<f4"), [8.75, 12.0])
+    np.testing.assert_array_equal(np.frombuffer(s.y, "<f4"), [12.0, 8.75])
     assert len(resp.SerializeToString()) == 41

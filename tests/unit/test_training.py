@@ -30,7 +30,8 @@ threads = 1
 source = "csv"
 path = "sine.csv"
 columns = ["a", "b"]
-seasonal_period = 24
+seasonal_periods = [24]
+horizon = 12
 val_fraction = 0.1
 test_fraction = 0.1
 [data.provenance]
@@ -142,9 +143,8 @@ def test_train_epoch_carries_detached_state_across_chunks() -> None:
 
     spec = T.TrainSpec(batch=3, bptt=10, epochs=1, lr=1e-3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss, finished = T.train_epoch(
-        model, forward, T.RealTask.loss_fn, streams, spec, opt, 0, float("inf")
-    )
+    chunk_loss = T.plain_chunk_loss(forward, torch.nn.functional.mse_loss)
+    loss, finished = T.train_epoch(model, chunk_loss, streams, spec, opt, 0, float("inf"))
     assert finished and math.isfinite(loss)
     assert len(seen) == 10  # 99 input steps per stream in chunks of 10
     assert torch.count_nonzero(seen[0][0]) == 0 and torch.count_nonzero(seen[0][1]) == 0
@@ -161,10 +161,7 @@ def test_chronological_split_keeps_the_tail_for_test() -> None:
         D.chronological_split(1000, 0.6, 0.5)
 
 
-def test_naive_baselines() -> None:
-    series = np.arange(30, dtype=np.float32)[:, None] ** 2
-    np.testing.assert_array_equal(D.persistence_forecast(series, 20, 30), series[19:29])
-    np.testing.assert_array_equal(D.seasonal_naive_forecast(series, 20, 30, 7), series[13:23])
+def test_mae_rmse() -> None:
     mae, rmse = D.mae_rmse(np.array([1.0, 3.0]), np.array([0.0, 0.0]))
     assert (mae, rmse) == (2.0, math.sqrt(5.0))
 
@@ -219,7 +216,15 @@ def test_train_and_export_both_kinds(tmp_path: Path) -> None:
     sine = loaded.get("sine").manifest
     assert (sine.input_dim, sine.output_dim, sine.layers, sine.hidden_size) == (2, 2, 2, 12)
     assert sine.normalisation is not None and sine.normalisation.in_graph
-    assert set(sine.metrics["baselines"]) == {"persistence", "seasonal_naive"}  # type: ignore[arg-type]
+    assert set(sine.metrics["baselines"]) == {  # type: ignore[arg-type]
+        "persistence",
+        "seasonal_naive_24",
+        "holt_winters",
+        "linear_ar",
+    }
+    assert sine.metrics["horizons"] == [1, 12]
+    for h in ("h1", "h12"):
+        assert set(sine.metrics["model"][h]["per_column"]) == {"a", "b"}  # type: ignore[index]
     chars = loaded.get("chars").manifest
     assert chars.output == "probabilities" and chars.vocab == D.char_vocab()
     assert chars.data.files == ["a.txt", "b.txt"]
@@ -261,3 +266,41 @@ def test_export_command_reexports_a_checkpoint(tmp_path: Path) -> None:
     assert E.run(args) == 1  # the version exists now: refused without --force
     args.force = True
     assert E.run(args) == 0
+
+
+def test_merged_ensemble_is_the_mean_of_its_members() -> None:
+    from lstm_serve.training.model import RealLSTM, merge_real_ensemble
+
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(
+            RealLSTM(2, 2, 8, 2, 0.0, [1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [3.0, 4.0], [0.1, 0.2])
+        )
+    merged = merge_real_ensemble(members).eval()
+    x = torch.randn(4, 9, 2) * 3
+    h = torch.randn(2, 4, 8) * 0.1
+    c = torch.randn(2, 4, 8) * 0.1
+    with torch.no_grad():
+        outs = [m.eval()(x, h, c) for m in members]
+        y, hn, cn = merged(x, torch.cat([h] * 3, dim=2), torch.cat([c] * 3, dim=2))
+    torch.testing.assert_close(y, torch.stack([o[0] for o in outs]).mean(0), atol=1e-5, rtol=0)
+    # Each member's state is a block of the merged state.
+    torch.testing.assert_close(hn[:, :, 8:16], outs[1][1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cn[:, :, 16:], outs[2][2], atol=1e-6, rtol=0)
+
+
+def test_residual_ensemble_with_rollout_loss_trains_and_exports(tmp_path: Path) -> None:
+    recipe = _write_real(tmp_path)
+    recipe.write_text(
+        REAL_RECIPE.replace("hidden_size = 12", "hidden_size = 12\nresidual = true")
+        .replace("epochs = 4", "epochs = 2\nensemble = 2\nrollout_weight = 0.1")
+        .replace("level_shift = 0.1", "")
+    )
+    res = T.train(recipe, out=tmp_path / "repo", runs=tmp_path / "runs")
+    m = load_repository(tmp_path / "repo").get("sine").manifest
+    assert m.hidden_size == 24 and m.training["ensemble"] == 2  # type: ignore[index]
+    assert len(res.history) == 4  # two members, two epochs each
+    assert all(math.isfinite(e.train_loss) for e in res.history)
+    # The export's parity check passed on the merged, residual graph, and it was scored.
+    assert set(m.metrics["model"]["h12"]["per_column"]) == {"a", "b"}  # type: ignore[index]

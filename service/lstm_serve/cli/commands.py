@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 import numpy as np
@@ -95,9 +95,32 @@ def run_models(args: argparse.Namespace) -> int:
                 f"{m.name:<14}{m.version:<9}{m.kind.value:<7}{m.input_dim:>5}{m.output_dim:>6}"
                 f"{m.layers:>8}{m.hidden_size:>8}  {mv.directory}"
             )
+            for line in held_out_lines(m.metrics):
+                print(f"    {line}")
     for err in repo.errors:
         print(f"error: {err}", file=sys.stderr)
     return 1 if repo.errors or not repo.models else 0
+
+
+def held_out_lines(metrics: dict[str, Any]) -> list[str]:
+    """The manifest's held-out scores, the model first, then each baseline (lower is better)."""
+    model, baselines = metrics.get("model"), metrics.get("baselines")
+    if not isinstance(model, dict) or not isinstance(baselines, dict):
+        return []
+    lines = []
+    if "horizons" in metrics:  # real models: MAE per horizon
+        units = f" {metrics['units']}" if metrics.get("units") else ""
+        for h in metrics["horizons"]:
+            key = f"h{h}"
+            scores = [("LSTM", model[key]["mae"])]
+            scores += [(name, b[key]["mae"]) for name, b in baselines.items() if key in b]
+            text = ", ".join(f"{name} {v:.3f}" for name, v in scores)
+            lines.append(f"test MAE{units}, {h} step{'s' if h > 1 else ''} ahead: {text}")
+    elif "test_bits_per_char" in model:
+        scores = [("LSTM", model["test_bits_per_char"])]
+        scores += [(n, b["test_bits_per_char"]) for n, b in baselines.items()]
+        lines.append("test bits/char: " + ", ".join(f"{n} {v:.3f}" for n, v in scores))
+    return lines
 
 
 # -- predict / stream --------------------------------------------------------------------------

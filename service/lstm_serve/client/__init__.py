@@ -3,7 +3,7 @@ session streams that number their steps and survive disconnects without losing o
 
     from lstm_serve.client import Client
     with Client("localhost:50051") as client:
-        out = client.predict("forecaster", "sensor-7", [[20.1], [20.4]])
+        out = client.predict("forecaster", "sensor-7", [[12.1, 8.9], [11.6, 8.8]])
         print(out.y)          # one prediction per step
 """
 

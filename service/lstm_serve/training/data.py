@@ -104,33 +104,41 @@ def load_csv_series(path: Path, columns: Sequence[str]) -> FloatArray:
     return series
 
 
-def write_vega_temps_csv(path: Path) -> int:
-    """Write the forecaster's data: vega_datasets' hourly 2010 Seattle and San Francisco temps.
+TMY3_FILE = "723170TYA.CSV"  # Greensboro Piedmont Triad International Airport, NC (USAF 723170)
+TMY3_COLUMNS = {"temp_c": "Dry-bulb (C)", "dew_point_c": "Dew-point (C)"}
 
-    Rows are joined on the timestamp (both files lack the same DST hour), nothing is
-    interpolated. Converted to degrees Celsius: float32 resolves 1e-5 only below ~32 in
-    magnitude, and the served graph must match PyTorch to 1e-5 in raw units (°F reach 80).
-    Returns the number of rows. Kept here so models/forecaster/data is reproducible.
+
+def tmy3_source() -> Path:
+    """pvlib's bundled copy of the NREL TMY3 file the forecaster is trained on."""
+    import pvlib
+
+    return Path(pvlib.__file__).parent / "data" / TMY3_FILE
+
+
+def write_tmy3_csv(path: Path, source: Path | None = None) -> int:
+    """Write the forecaster's data: hourly dry-bulb and dew-point temperature (°C) of one TMY3 year.
+
+    Each month of a TMY3 file is an observed month from some year 1976-2005; the rows are kept
+    as they are (8760 hours, local standard time), with the source year of each row in a column
+    so the month splices stay visible. Returns the number of rows. Kept here so
+    models/forecaster/data is reproducible.
     """
-    import vega_datasets
-
-    src = Path(vega_datasets.__file__).parent / "_data"
-
-    def read(name: str, date_key: str) -> dict[str, str]:
-        with (src / name).open(newline="") as f:
-            return {row[date_key][:16]: row["temp"] for row in csv.DictReader(f)}
-
-    sea = read("seattle-temps.csv", "date")
-    sf = read("sf-temps.csv", "date")
-    stamps = sorted(set(sea) & set(sf))
+    src = source or tmy3_source()
+    with src.open(newline="") as f:
+        reader = csv.reader(f)
+        next(reader)  # station metadata line
+        header = next(reader)
+        idx = {name: header.index(col) for name, col in TMY3_COLUMNS.items()}
+        rows = list(reader)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["time", "seattle", "san_francisco"])
-        for t in stamps:
-            celsius = [round((float(v[t]) - 32.0) * 5.0 / 9.0, 4) for v in (sea, sf)]
-            w.writerow([t.replace("/", "-"), *celsius])
-    return len(stamps)
+        w.writerow(["time", "source_year", *TMY3_COLUMNS])
+        for row in rows:
+            month, day, year = row[0].split("/")
+            # TMY3 stamps hours 01:00..24:00 (the end of each hour); keep the stamp as given.
+            w.writerow([f"{month}-{day} {row[1]}", year, *(row[i] for i in idx.values())])
+    return len(rows)
 
 
 def sha256_of_file(path: Path) -> str:
@@ -140,22 +148,6 @@ def sha256_of_file(path: Path) -> str:
 def mae_rmse(pred: FloatArray, target: FloatArray) -> tuple[float, float]:
     err = pred.astype(np.float64) - target.astype(np.float64)
     return float(np.abs(err).mean()), float(np.sqrt((err**2).mean()))
-
-
-def per_feature_mae_rmse(pred: FloatArray, target: FloatArray) -> list[tuple[float, float]]:
-    return [mae_rmse(pred[:, j], target[:, j]) for j in range(target.shape[1])]
-
-
-def persistence_forecast(series: FloatArray, start: int, end: int) -> FloatArray:
-    """Forecasts of series[start:end] by y_hat[t] = x[t-1]."""
-    return series[start - 1 : end - 1]
-
-
-def seasonal_naive_forecast(series: FloatArray, start: int, end: int, period: int) -> FloatArray:
-    """Forecasts of series[start:end] by y_hat[t] = x[t-period]."""
-    if start < period:
-        raise ValueError(f"seasonal-naive needs {period} steps of history before step {start}")
-    return series[start - period : end - period]
 
 
 # --------------------------------------------------------------------------- text

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lstm_serve.core.repository import Kind
 from lstm_serve.training import data as D
+from lstm_serve.training import forecast_eval as FE
 from lstm_serve.training.export import CHECKPOINT_FORMAT, ExportError, export_checkpoint
 
 if TYPE_CHECKING:
@@ -61,7 +62,11 @@ class DataSpec(BaseModel):
     sha256: str | None = Field(None, description="text: expected sha256 of the concatenation")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
-    seasonal_period: int | None = Field(None, ge=1, description="real: seasonal-naive period")
+    seasonal_periods: list[int] = Field(
+        default_factory=list, description="real: the series' seasonal periods, in steps"
+    )
+    horizon: int = Field(24, ge=1, description="real: the Forecast horizon scored besides 1 step")
+    units: str = Field("", description="real: the columns' units, for reports")
     provenance: Provenance
 
 
@@ -71,6 +76,7 @@ class ModelSpec(BaseModel):
     hidden_size: int = Field(ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     embed_dim: int | None = Field(None, ge=1, description="token models only")
+    residual: bool = Field(False, description="real models: predict the change from the input")
 
 
 class TrainSpec(BaseModel):
@@ -86,6 +92,19 @@ class TrainSpec(BaseModel):
     lr_factor: float = Field(0.5, gt=0, le=1)
     max_minutes: float = Field(10.0, gt=0, description="wall-clock guard (breaks reproducibility)")
     eval_streams: int = Field(8, ge=1, description="token models: streams for validation")
+    ensemble: int = Field(
+        1,
+        ge=1,
+        description="real models: seeds trained (seed, seed+1, ...) and averaged in one graph",
+    )
+    loss: Literal["mse", "l1"] = Field(
+        "mse", description="real models: squared or absolute error (the median minimises MAE)"
+    )
+    rollout_weight: float = Field(
+        0.0,
+        ge=0,
+        description="real models: weight of the loss of free-running forecasts over the horizon",
+    )
     level_shift: float = Field(
         0.0,
         ge=0,
@@ -115,6 +134,8 @@ class Recipe(BaseModel):
                 raise ValueError("token models need data.source = 'text' and data.files")
             if self.model.embed_dim is None:
                 raise ValueError("token models need model.embed_dim")
+            if self.train.ensemble != 1:
+                raise ValueError("ensembles are for real models only")
         return self
 
 
@@ -170,10 +191,27 @@ Forward = Callable[
 LossFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
+ChunkLoss = Callable[
+    ["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"],
+    tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"],
+]
+
+
+def plain_chunk_loss(forward: Forward, loss_fn: LossFn) -> ChunkLoss:
+    """Teacher-forced next-step loss over one chunk: (loss, hn, cn)."""
+
+    def chunk_loss(
+        x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, hn, cn = forward(x, h, c)
+        return loss_fn(out, y), hn, cn
+
+    return chunk_loss
+
+
 def train_epoch(
     model: nn.Module,
-    forward: Forward,
-    loss_fn: LossFn,
+    chunk_loss: ChunkLoss,
     streams: np.ndarray[Any, Any],
     spec: TrainSpec,
     opt: torch.optim.Optimizer,
@@ -192,8 +230,12 @@ def train_epoch(
     for x, y in D.bptt_chunks(streams, spec.bptt, offset):
         # Carry the state's value but not its history: gradients stop at the chunk boundary.
         h, c = state[0].detach(), state[1].detach()
-        out, hn, cn = forward(torch.from_numpy(np.ascontiguousarray(x)), h, c)
-        loss = loss_fn(out, torch.from_numpy(np.ascontiguousarray(y)))
+        loss, hn, cn = chunk_loss(
+            torch.from_numpy(np.ascontiguousarray(x)),
+            torch.from_numpy(np.ascontiguousarray(y)),
+            h,
+            c,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
@@ -224,22 +266,26 @@ class RealTask:
         self.split = D.chronological_split(
             len(self.series), recipe.data.val_fraction, recipe.data.test_fraction
         )
+        self.horizon = recipe.data.horizon
         train = self.series[: self.split.train_end].astype(np.float64)
         # Statistics of the training split only: nothing from the held-out tail leaks in.
         self.mean = train.mean(axis=0).astype(np.float32)
         self.std = np.maximum(train.std(axis=0), 1e-6).astype(np.float32)
+        step_std = np.maximum(np.diff(train, axis=0).std(axis=0), 1e-6)
+        self.residual_scale = (step_std / self.std).astype(np.float32)
         z = (self.series - self.mean) / self.std
         self.streams = D.to_streams(z[: self.split.train_end], recipe.train.batch)
-        period = recipe.data.seasonal_period
-        if period is not None and self.split.val_end < period:
-            raise ValueError(f"seasonal period {period} is longer than the history before test")
+        for period in recipe.data.seasonal_periods:
+            if self.split.train_end < period:
+                raise ValueError(f"seasonal period {period} is longer than the training split")
+        if self.split.val_end - self.split.train_end < self.horizon + 1:
+            raise ValueError(f"the validation split is shorter than the horizon {self.horizon}")
 
     def epoch_streams(self, rng: np.random.Generator) -> np.ndarray[Any, Any]:
         """Training streams for one epoch, shifted by a random level per stream when asked.
 
-        The dynamics of a temperature curve do not depend on its level; without this the model
-        keys its forecasts on the level, and a held-out season at levels seen only in another
-        season's shape is forecast badly.
+        Without it a model may key its forecasts on the level, and a held-out season at levels
+        seen only in another season's shape is forecast badly.
         """
         shift = self.recipe.train.level_shift
         if shift == 0:
@@ -254,87 +300,145 @@ class RealTask:
 
         return RealLSTM(**self.model_args())
 
-    def model_args(self) -> dict[str, Any]:
+    def model_args(self, members: int = 1) -> dict[str, Any]:
         m = self.recipe.model
         f = len(self.recipe.data.columns)
         return {
             "input_dim": f,
             "output_dim": f,
-            "hidden_size": m.hidden_size,
+            "hidden_size": m.hidden_size * members,
             "layers": m.layers,
             "dropout": m.dropout,
             "in_mean": self.mean.tolist(),
             "in_std": self.std.tolist(),
             "out_mean": self.mean.tolist(),
             "out_std": self.std.tolist(),
+            "residual_scale": self.residual_scale.tolist() if m.residual else None,
         }
 
     def forward(self, model: nn.Module) -> Forward:
         fn: Forward = model.forward_normalised  # type: ignore[assignment]
         return fn
 
-    @staticmethod
-    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    @property
+    def loss_fn(self) -> LossFn:
         import torch
 
-        return torch.nn.functional.mse_loss(out, y)
+        # A residual model's error is weighed against the typical step, not the level's spread.
+        scale = torch.from_numpy(self.residual_scale) if self.recipe.model.residual else None
 
-    def predict(self, model: nn.Module, end: int) -> np.ndarray[Any, Any]:
-        """One sequential pass over series[:end] from a zero state, in raw units, as served.
+        fn = (
+            torch.nn.functional.l1_loss
+            if self.recipe.train.loss == "l1"
+            else torch.nn.functional.mse_loss
+        )
 
-        Row t is the forecast of series[t + 1]; the state is warmed on everything before.
+        def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if scale is None:
+                return fn(out, y)
+            return fn(out / scale, y / scale)
+
+        return loss
+
+    def chunk_loss(self, model: nn.Module) -> ChunkLoss:
+        """Next-step loss, plus (rollout_weight > 0) the loss of free-running forecasts.
+
+        Teacher forcing alone trains one-step forecasts; the Forecast call feeds predictions
+        back for `horizon` steps, so the model also learns from its own rolled-out errors: the
+        chunk runs in pieces of `horizon` steps and from the state after each piece the model
+        rolls out on its own predictions, all pieces at once as one batch.
+        """
+        import torch
+
+        forward, loss_fn = self.forward(model), self.loss_fn
+        weight, h_len = self.recipe.train.rollout_weight, self.horizon
+        plain = plain_chunk_loss(forward, loss_fn)
+
+        def chunk_loss(
+            x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            t_len = x.shape[1]
+            ends = list(range(h_len, t_len - h_len + 2, h_len))
+            if weight == 0 or not ends:
+                return plain(x, y, h, c)
+            outs, starts_h, starts_c, firsts, tgts = [], [], [], [], []
+            prev = 0
+            for end in [*ends, t_len]:
+                if end <= prev:
+                    continue
+                out, h, c = forward(x[:, prev:end], h, c)
+                outs.append(out)
+                if end in ends:
+                    starts_h.append(h)
+                    starts_c.append(c)
+                    firsts.append(out[:, -1:])
+                    tgts.append(y[:, end : end + h_len - 1])
+                prev = end
+            teacher = loss_fn(torch.cat(outs, dim=1), y)
+            rh, rc = torch.cat(starts_h, dim=1), torch.cat(starts_c, dim=1)
+            step, preds = torch.cat(firsts, dim=0), []
+            for _ in range(h_len - 1):
+                step, rh, rc = forward(step, rh, rc)
+                preds.append(step)
+            free = loss_fn(torch.cat(preds, dim=1), torch.cat(tgts, dim=0))
+            return teacher + weight * free, h, c
+
+        return chunk_loss
+
+    def rollout(self, model: nn.Module, orig: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """[N, horizon, F] forecasts in raw units, as the Forecast call makes them.
+
+        The state at origin o has consumed series[: o + 1] from a zero state; its output is the
+        first step, and each prediction is fed back as the next input.
         """
         import torch
 
         model.eval()
         lstm: torch.nn.LSTM = model.lstm  # type: ignore[assignment]
+        x = torch.from_numpy(self.series)
+        first, last = int(orig[0]), int(orig[-1])
         h, c = zero_state(lstm.num_layers, 1, lstm.hidden_size)
+        hs, cs, ys = [], [], []
         with torch.no_grad():
-            y, _, _ = model(torch.from_numpy(self.series[None, :end]), h, c)
-        out: np.ndarray[Any, Any] = y[0].numpy()
+            y, h, c = model(x[None, :first], h, c)
+            for t in range(first, last + 1):  # one step at a time to keep every state
+                y, h, c = model(x[None, t : t + 1], h, c)
+                hs.append(h)
+                cs.append(c)
+                ys.append(y[0, 0])
+            take = torch.from_numpy(np.asarray(orig) - first)
+            h = torch.cat(hs, dim=1)[:, take]
+            c = torch.cat(cs, dim=1)[:, take]
+            y = torch.stack(ys)[take][:, None]
+            steps = [y]
+            for _ in range(self.horizon - 1):
+                y, h, c = model(y, h, c)
+                steps.append(y)
+        out: np.ndarray[Any, Any] = torch.cat(steps, dim=1).numpy().astype(np.float64)
         return out
 
+    def _scores(self, model: nn.Module, start: int, end: int) -> dict[int, np.ndarray[Any, Any]]:
+        """Model forecasts at horizon 1 and H over [start, end), keyed by horizon."""
+        h = self.horizon
+        orig = FE.origins(start, end, 1)
+        full = self.rollout(model, orig)
+        return {1: full[:, :1], h: full[: len(FE.origins(start, end, h)), :h]}
+
     def validate(self, model: nn.Module) -> float:
-        """Mean absolute error (raw units, mean over features) on the validation split."""
-        s = self.split
-        pred = self.predict(model, s.val_end)[s.train_end - 1 : s.val_end - 1]
-        return D.mae_rmse(pred, self.series[s.train_end : s.val_end])[0]
+        """Mean of the one-step and H-step MAE (raw units, mean over features) on validation."""
+        s, h = self.split, self.horizon
+        fc = self._scores(model, s.train_end, s.val_end)
+        one = FE.mean_mae(fc[1], FE.targets(self.series, FE.origins(s.train_end, s.val_end, 1), 1))
+        many = FE.mean_mae(fc[h], FE.targets(self.series, FE.origins(s.train_end, s.val_end, h), h))
+        return (one + many) / 2
 
     def test_metrics(self, model: nn.Module) -> dict[str, Any]:
-        s, n = self.split, len(self.series)
-        target = self.series[s.val_end :]
-        forecasts = {"model": self.predict(model, n)[s.val_end - 1 : n - 1]}
-        forecasts["persistence"] = D.persistence_forecast(self.series, s.val_end, n)
-        period = self.recipe.data.seasonal_period
-        if period is not None:
-            forecasts["seasonal_naive"] = D.seasonal_naive_forecast(
-                self.series, s.val_end, n, period
-            )
-
-        def scores(pred: np.ndarray[Any, Any]) -> dict[str, Any]:
-            mae, rmse = D.mae_rmse(pred, target)
-            per = D.per_feature_mae_rmse(pred, target)
-            return {
-                "test_mae": round(mae, 5),
-                "test_rmse": round(rmse, 5),
-                "per_feature": {
-                    col: {"test_mae": round(a, 5), "test_rmse": round(b, 5)}
-                    for col, (a, b) in zip(self.recipe.data.columns, per, strict=True)
-                },
-            }
-
-        baselines = {k: scores(v) for k, v in forecasts.items() if k != "model"}
-        if period is not None:
-            baselines["seasonal_naive"]["period"] = period
-        return {
-            "held_out": (
-                f"test split = last {n - s.val_end} of {n} steps, one-step-ahead forecasts, "
-                "state warmed on all earlier steps; MAE/RMSE in raw units, mean over features"
-            ),
-            "split": s.as_dict(),
-            "model": scores(forecasts["model"]),
-            "baselines": baselines,
-        }
+        return evaluate_real(
+            self.series,
+            self.split,
+            self.recipe,
+            lambda start, end: self._scores(model, start, end),
+        )
 
     def manifest_fields(self) -> dict[str, Any]:
         f = len(self.recipe.data.columns)
@@ -366,8 +470,55 @@ class RealTask:
         }
 
 
+ModelForecasts = Callable[[int, int], dict[int, np.ndarray[Any, Any]]]
+
+
+def evaluate_real(
+    series: np.ndarray[Any, Any], split: D.Split, recipe: Recipe, model_fc: ModelForecasts
+) -> dict[str, Any]:
+    """Held-out scores of the model and of every baseline at horizon 1 and H, in raw units.
+
+    Baselines are fitted on train and chosen on validation (forecast_eval.fit_baselines); the
+    test split is read only here, to score. Shared by training and by the test that recomputes
+    the manifest from the shipped files.
+    """
+    d = recipe.data
+    h, n, cols = d.horizon, len(series), d.columns
+    x = np.asarray(series, np.float64)
+    horizons = sorted({1, h})
+    chosen = FE.fit_baselines(x, split, horizons, d.seasonal_periods)
+    fc = model_fc(split.val_end, n)
+    model: dict[str, Any] = {}
+    baselines: dict[str, dict[str, Any]] = {}
+    for k in horizons:
+        orig = FE.origins(split.val_end, n, k)
+        tgt = FE.targets(x, orig, k)
+        model[f"h{k}"] = FE.score(fc[k], tgt, cols)
+        for b in chosen[k]:
+            entry = baselines.setdefault(b.name, {})
+            entry[f"h{k}"] = {**FE.score(b.forecast(x, orig, k), tgt, cols), **b.describe()}
+    units = f" ({d.units})" if d.units else ""
+    return {
+        "held_out": (
+            f"test split = last {n - split.val_end} of {n} steps; forecasts from every origin "
+            f"in it, 1 step and {h} steps ahead (the state at each origin has seen everything "
+            f"before it; multi-step forecasts feed predictions back); MAE/RMSE in raw "
+            f"units{units}, mean over columns and per column; baselines fitted on the training "
+            "split, their lags/trend chosen on the validation split"
+        ),
+        "split": split.as_dict(),
+        "horizons": horizons,
+        "units": d.units,
+        "model": model,
+        "baselines": baselines,
+    }
+
+
 class TokenTask:
     """Next-character modelling of a text corpus; ids in, logits out (softmax added at export)."""
+
+    def chunk_loss(self, model: nn.Module) -> ChunkLoss:
+        return plain_chunk_loss(self.forward(model), self.loss_fn)
 
     def __init__(self, recipe: Recipe, base: Path) -> None:
         self.recipe = recipe
@@ -394,7 +545,7 @@ class TokenTask:
             self.corpus.sha256[:16],
         )
 
-    def model_args(self) -> dict[str, Any]:
+    def model_args(self, members: int = 1) -> dict[str, Any]:
         m = self.recipe.model
         assert m.embed_dim is not None
         return {
@@ -515,51 +666,40 @@ def _display_path(path: Path) -> str:
 # --------------------------------------------------------------------------- the run
 
 
-def train(
-    recipe_path: Path,
-    *,
-    out: Path = Path("models"),
-    version: str = "1",
-    runs: Path = Path("runs"),
-    max_minutes: float | None = None,
-    force: bool = False,
-    export: bool = True,
-) -> TrainResult:
-    """Train from a recipe, save runs/<name>/checkpoint.pt, and export to out/<name>/<version>."""
+@dataclass
+class _Fit:
+    model: nn.Module
+    history: list[EpochStats]
+    best_epoch: int
+    best_val: float
+    stopped: str
+
+
+def _fit_one(
+    task: RealTask | TokenTask, recipe: Recipe, seed: int, deadline: float, val_name: str
+) -> _Fit:
+    """Train one model from `seed` with early stopping on validation; the best epoch's weights."""
     import torch
 
-    recipe = load_recipe(recipe_path)
-    target = out / recipe.name / version
-    if export and target.exists() and not force:
-        # Fail before minutes of training, not after.
-        raise FileExistsError(f"{target} exists (pass --force to replace it)")
     spec = recipe.train
-    budget_s = 60.0 * (max_minutes if max_minutes is not None else spec.max_minutes)
-    seed_everything(recipe.seed, recipe.threads)
-    rng = np.random.default_rng(recipe.seed)
-    base = recipe_path.parent
-    task: RealTask | TokenTask = (
-        RealTask(recipe, base) if recipe.kind is Kind.real else TokenTask(recipe, base)
-    )
+    seed_everything(seed, recipe.threads)
+    rng = np.random.default_rng(seed)
     model = task.build_model()
-    n_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        "training %s (%s): %d parameters, streams %s, bptt %d, threads %d",
+        "training %s (%s): %d parameters, streams %s, bptt %d, threads %d, seed %d",
         recipe.name,
         recipe.kind.value,
-        n_params,
+        sum(p.numel() for p in model.parameters()),
         "x".join(str(d) for d in task.streams.shape[:2]),
         spec.bptt,
         recipe.threads,
+        seed,
     )
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, factor=spec.lr_factor, patience=spec.lr_patience
     )
-    val_name = "val_mae" if recipe.kind is Kind.real else "val_bpc"
     start = time.monotonic()
-    cpu_start = time.process_time()  # wall time on a shared machine says little about cost
-    deadline = start + budget_s
     history: list[EpochStats] = []
     best_val, best_epoch = float("inf"), 0
     best_state = copy.deepcopy(model.state_dict())
@@ -569,7 +709,7 @@ def train(
         offset = 0 if epoch == 1 else int(rng.integers(0, spec.bptt))
         streams = task.epoch_streams(rng)
         loss, finished = train_epoch(
-            model, task.forward(model), task.loss_fn, streams, spec, opt, offset, deadline
+            model, task.chunk_loss(model), streams, spec, opt, offset, deadline
         )
         val = task.validate(model)
         sched.step(val)
@@ -592,17 +732,65 @@ def train(
         )
         if not finished or time.monotonic() > deadline:
             stopped = "time_limit"
-            logger.warning(
-                "stopped at the %.1f-minute limit: this run is not reproducible", budget_s / 60
-            )
+            logger.warning("stopped at the time limit: this run is not reproducible")
             break
         if epoch - best_epoch >= spec.patience:
             stopped = "early_stopping"
             logger.info("early stopping: no %s improvement for %d epochs", val_name, spec.patience)
             break
+    model.load_state_dict(best_state)
+    return _Fit(model, history, best_epoch, best_val, stopped)
+
+
+def train(
+    recipe_path: Path,
+    *,
+    out: Path = Path("models"),
+    version: str = "1",
+    runs: Path = Path("runs"),
+    max_minutes: float | None = None,
+    force: bool = False,
+    export: bool = True,
+) -> TrainResult:
+    """Train from a recipe, save runs/<name>/checkpoint.pt, and export to out/<name>/<version>."""
+    import torch
+
+    recipe = load_recipe(recipe_path)
+    target = out / recipe.name / version
+    if export and target.exists() and not force:
+        # Fail before minutes of training, not after.
+        raise FileExistsError(f"{target} exists (pass --force to replace it)")
+    spec = recipe.train
+    budget_s = 60.0 * (max_minutes if max_minutes is not None else spec.max_minutes)
+    base = recipe_path.parent
+    task: RealTask | TokenTask = (
+        RealTask(recipe, base) if recipe.kind is Kind.real else TokenTask(recipe, base)
+    )
+    members = spec.ensemble
+    val_name = "val_mae" if recipe.kind is Kind.real else "val_bpc"
+    start = time.monotonic()
+    cpu_start = time.process_time()  # wall time on a shared machine says little about cost
+    deadline = start + budget_s
+    fits: list[_Fit] = []
+    for member in range(members):
+        if members > 1:
+            logger.info(
+                "ensemble member %d/%d (seed %d)", member + 1, members, recipe.seed + member
+            )
+        fits.append(_fit_one(task, recipe, recipe.seed + member, deadline, val_name))
+        if fits[-1].stopped == "time_limit":
+            break
+    stopped = fits[-1].stopped if len(fits) == members else "time_limit"
+    model = fits[0].model
+    if len(fits) > 1:
+        from lstm_serve.training.model import merge_real_ensemble
+
+        model = merge_real_ensemble([f.model for f in fits])  # type: ignore[misc]
+    best_val = task.validate(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    history = [e for f in fits for e in f.history]
     seconds = time.monotonic() - start
     cpu_seconds = time.process_time() - cpu_start
-    model.load_state_dict(best_state)
     metrics = task.test_metrics(model)
     metrics["val"] = {val_name: round(best_val, 5)}
     logger.info("held-out: %s", {k: metrics[k] for k in ("model", "baselines")})
@@ -610,7 +798,8 @@ def train(
         "recipe": recipe.model_dump(mode="json"),
         "recipe_file": _display_path(recipe_path),
         "epochs_run": len(history),
-        "best_epoch": best_epoch,
+        "best_epoch": [f.best_epoch for f in fits] if members > 1 else fits[0].best_epoch,
+        "ensemble": len(fits),
         "stopped": stopped,
         "seconds": round(seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),
@@ -627,7 +816,7 @@ def train(
         "format": CHECKPOINT_FORMAT,
         "model": {
             "class": "RealLSTM" if recipe.kind is Kind.real else "TokenLSTM",
-            "args": task.model_args(),
+            "args": task.model_args(members=len(fits)),
         },
         "state_dict": model.state_dict(),
         "manifest": {
@@ -635,7 +824,7 @@ def train(
             "kind": recipe.kind.value,
             "description": recipe.description,
             "layers": recipe.model.layers,
-            "hidden_size": recipe.model.hidden_size,
+            "hidden_size": recipe.model.hidden_size * len(fits),
             **task.manifest_fields(),
             "data": task.provenance(),
             "training": training,

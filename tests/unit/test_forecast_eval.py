@@ -1,0 +1,133 @@
+"""Forecast evaluation and baselines: origins, rules, statsmodels agreement, no test leakage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("statsmodels")
+
+from statsmodels.tsa.api import VAR
+from statsmodels.tsa.holtwinters import ExponentialSmoothing
+
+from lstm_serve.training import data as D
+from lstm_serve.training import forecast_eval as FE
+
+
+def _series(n: int = 1200, seed: int = 0) -> np.ndarray:
+    t = np.arange(n)
+    rng = np.random.default_rng(seed)
+    a = 10 + 3 * np.sin(2 * np.pi * t / 24) + np.cumsum(rng.normal(0, 0.2, n))
+    b = 0.5 * a + 2 * np.cos(2 * np.pi * t / 24) + rng.normal(0, 0.3, n)
+    return np.stack([a, b], axis=1)
+
+
+def test_origins_and_targets_stay_inside_the_segment() -> None:
+    orig = FE.origins(100, 130, 24)
+    assert (orig[0], orig[-1]) == (99, 105)  # targets 100..123 up to 106..129
+    series = np.arange(200, dtype=np.float64)[:, None]
+    tgt = FE.targets(series, orig, 24)
+    assert tgt.shape == (7, 24, 1)
+    assert tgt[0, 0, 0] == 100 and tgt[-1, -1, 0] == 129
+    with pytest.raises(ValueError):
+        FE.origins(100, 110, 24)
+
+
+def test_persistence_and_seasonal_naive_rules() -> None:
+    series = np.arange(100, dtype=np.float64)[:, None]
+    orig = np.array([50, 60])
+    np.testing.assert_array_equal(
+        FE.Persistence().forecast(series, orig, 3)[:, :, 0], [[50] * 3, [60] * 3]
+    )
+    sn = FE.SeasonalNaive(24).forecast(series, orig, 30)[:, :, 0]
+    # Step k is the value one period before (two for k > 24): always already observed at o.
+    np.testing.assert_array_equal(sn[0, :24], np.arange(51, 75) - 24)
+    np.testing.assert_array_equal(sn[0, 24:], np.arange(75, 81) - 48)
+    assert FE.SeasonalNaive(24).name == "seasonal_naive_24"
+
+
+def test_score_is_mae_and_rmse_per_column_and_mean() -> None:
+    pred = np.zeros((2, 1, 2))
+    tgt = np.array([[[1.0, 3.0]], [[-1.0, 0.0]]])
+    s = FE.score(pred, tgt, ["a", "b"])
+    assert s["per_column"]["a"] == {"mae": 1.0, "rmse": 1.0}
+    assert s["per_column"]["b"]["mae"] == 1.5
+    assert s["per_column"]["b"]["rmse"] == pytest.approx(np.sqrt(4.5), abs=1e-5)
+    assert s["mae"] == 1.25
+
+
+@pytest.mark.parametrize("trend", [False, True])
+def test_holt_winters_origin_forecast_is_statsmodels_forecast(trend: bool) -> None:
+    """From the end of the training data, the frozen-parameter filter gives statsmodels' own forecast."""
+    x = _series()
+    train = x[:800]
+    hw = FE.HoltWinters.fit(train, 24, trend)
+    mine = hw.forecast(x, np.array([799]), 24)[0]
+    for j in range(2):
+        ref = (
+            ExponentialSmoothing(
+                train[:, j],
+                trend="add" if trend else None,
+                damped_trend=trend,
+                seasonal="add",
+                seasonal_periods=24,
+                initialization_method="estimated",
+            )
+            .fit()
+            .forecast(24)
+        )
+        np.testing.assert_allclose(mine[:, j], ref, atol=1e-6)
+
+
+def test_var_origin_forecast_is_statsmodels_forecast() -> None:
+    x = _series()
+    var = FE.VectorAR.fit(x[:800], 5)
+    ref = VAR(x[:800]).fit(5).forecast(x[795:800], 24)
+    np.testing.assert_allclose(var.forecast(x, np.array([799]), 24)[0], ref, atol=1e-9)
+
+
+def _fitted(models: dict[int, list[FE.Forecaster]]) -> list[object]:
+    out: list[object] = []
+    for h in sorted(models):
+        for m in models[h]:
+            if isinstance(m, FE.VectorAR):
+                out += [m.lags, m.intercept.tolist(), m.coefs.tolist()]
+            elif isinstance(m, FE.HoltWinters):
+                out += [m.trend, m.params]
+            else:
+                out.append(m.describe())
+    return out
+
+
+def test_test_values_change_no_fitted_parameter_or_earlier_forecast() -> None:
+    x = _series()
+    split = D.chronological_split(len(x), 0.15, 0.15)
+    changed = x.copy()
+    changed[split.val_end :] = np.random.default_rng(1).normal(
+        50, 20, changed[split.val_end :].shape
+    )
+    a = FE.fit_baselines(x, split, [1, 24], [24])
+    b = FE.fit_baselines(changed, split, [1, 24], [24])
+    assert _fitted(a) == _fitted(b)
+    # And every forecast reads only the data up to its origin.
+    orig = FE.origins(split.train_end, split.val_end, 24)
+    for ma, mb in zip(a[24], b[24], strict=True):
+        np.testing.assert_array_equal(ma.forecast(x, orig, 24), mb.forecast(changed, orig, 24))
+    # ... while the training split does move them (the comparison can fail).
+    moved = x.copy()
+    moved[: split.train_end] *= 1.5
+    assert _fitted(FE.fit_baselines(moved, split, [1, 24], [24])) != _fitted(a)
+
+
+def test_forecasts_ignore_values_after_the_origin() -> None:
+    x = _series()
+    later = x.copy()
+    later[901:] += 100.0
+    orig = np.array([850, 900])
+    for model in (
+        FE.Persistence(),
+        FE.SeasonalNaive(24),
+        FE.VectorAR.fit(x[:800], 26),
+        FE.HoltWinters.fit(x[:800], 24, True),
+    ):
+        np.testing.assert_array_equal(model.forecast(x, orig, 24), model.forecast(later, orig, 24))
