@@ -273,6 +273,9 @@ def torch_from_reference(ref: ReferenceModel) -> nn.Module:
             in_std=vec(ref.in_std, ref.input_dim, 1.0),
             out_mean=vec(ref.out_mean, ref.output_dim, 0.0),
             out_std=vec(ref.out_std, ref.output_dim, 1.0),
+            residual_scale=None
+            if ref.residual_scale is None
+            else vec(ref.residual_scale, ref.output_dim, 1.0),
         )
     with torch.no_grad():
         for k, layer in enumerate(ref.layers):

@@ -192,6 +192,8 @@ class ReferenceModel:
     in_std: F64 | None = None
     out_mean: F64 | None = None
     out_std: F64 | None = None
+    # Residual models: the head predicts the change, y_normalised = z + head * residual_scale.
+    residual_scale: F64 | None = None
     softmax: bool = False
     names: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_NAMES))
 
@@ -205,7 +207,16 @@ class ReferenceModel:
                     f"layer {k} is [{cur.hidden_size}, {cur.hidden_size}+{cur.input_size}] "
                     f"but layer {k - 1} has hidden size {prev.hidden_size}"
                 )
-        for name in ("head_W", "head_b", "embedding", "in_mean", "in_std", "out_mean", "out_std"):
+        for name in (
+            "head_W",
+            "head_b",
+            "embedding",
+            "in_mean",
+            "in_std",
+            "out_mean",
+            "out_std",
+            "residual_scale",
+        ):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, _f64(v))
@@ -310,6 +321,8 @@ class ReferenceModel:
         for k, layer in enumerate(self.layers):
             seq, hn[k], cn[k] = lstm_layer(seq, h0a[k], c0a[k], layer)
         y = seq.transpose(1, 0, 2) @ self.head_W.T + self.head_b
+        if self.residual_scale is not None:
+            y = z + y * self.residual_scale
         if self.out_std is not None:
             y = y * self.out_std
         if self.out_mean is not None:
@@ -362,6 +375,7 @@ class ReferenceModel:
             in_std=buf("in_std"),
             out_mean=buf("out_mean"),
             out_std=buf("out_std"),
+            residual_scale=buf("residual_scale") if getattr(m, "residual", False) else None,
             softmax=softmax_out,
         )
 
@@ -506,6 +520,9 @@ class _GraphReader:
         in_std: F64 | None = None
         out_mean: F64 | None = None
         out_std: F64 | None = None
+        residual_scale: F64 | None = None
+        z_name: str | None = None  # the normalised input, which a residual model adds back
+        residual_add: onnx.NodeProto | None = None
         head_W: F64 | None = None
         head_b: F64 | None = None
         use_softmax = False
@@ -515,6 +532,13 @@ class _GraphReader:
 
         while cur != n["y"]:
             users = self.consumers.get(cur, [])
+            if cur == z_name and len(users) == 2 and residual_add is None:
+                # z feeds the LSTM path and, later, the residual Add.
+                adds = [u for u in users if u.op_type == "Add"]
+                if len(adds) != 1:
+                    raise self.fail(None, f"normalised input {cur!r} feeds {len(users)} nodes")
+                residual_add = adds[0]
+                users = [u for u in users if u is not residual_add]
             if len(users) != 1:
                 raise self.fail(
                     None, f"tensor {cur!r} should feed exactly one node, feeds {len(users)}"
@@ -545,6 +569,7 @@ class _GraphReader:
                 if in_std is not None or node.input[0] != cur:
                     raise self.fail(node, "expected one (x - mean) / std")
                 in_std = self.other_operand(node, cur, "input std")
+                z_name = node.output[0]
             elif op == "Transpose":
                 if list(a.get("perm", [])) != [1, 0, 2]:
                     raise self.fail(node, f"perm {a.get('perm')}, expected [1, 0, 2]")
@@ -580,10 +605,22 @@ class _GraphReader:
             elif op == "Add" and stage == "head":
                 head_b = self.other_operand(node, cur, "head bias")
                 stage = "bias"
-            elif op == "Mul" and stage == "bias":
+            elif (
+                op == "Mul"
+                and stage == "bias"
+                and residual_add is not None
+                and self.consumers.get(node.output[0], []) == [residual_add]
+            ):
+                residual_scale = self.other_operand(node, cur, "residual scale")
+                stage = "residual_mul"
+            elif op == "Add" and stage == "residual_mul":
+                if node is not residual_add or z_name not in node.input:
+                    raise self.fail(node, "expected the normalised input added back")
+                stage = "residual"
+            elif op == "Mul" and stage in ("bias", "residual"):
                 out_std = self.other_operand(node, cur, "output std")
                 stage = "scaled"
-            elif op == "Add" and stage in ("bias", "scaled"):
+            elif op == "Add" and stage in ("bias", "scaled", "residual"):
                 out_mean = self.other_operand(node, cur, "output mean")
                 stage = "done"
             elif op == "Softmax" and stage == "bias":
@@ -603,6 +640,8 @@ class _GraphReader:
             raise self.fail(None, "no head (MatMul + Add) before y")
         if squeeze_pending:
             raise self.fail(None, "y is the raw LSTM output")
+        if residual_add is not None and residual_scale is None:
+            raise self.fail(residual_add, "the normalised input feeds an Add off the path")
         is_token = embedding is not None
         if use_softmax and not is_token:
             raise self.fail(None, "Softmax output on a real-valued model")
@@ -621,6 +660,7 @@ class _GraphReader:
             in_std=in_std,
             out_mean=out_mean,
             out_std=out_std,
+            residual_scale=residual_scale,
             softmax=use_softmax,
             names=dict(self.names),
         )
