@@ -58,7 +58,7 @@ def prepare_model(
     """Copy the benchmark model into workdir/models (so servers load only it).
 
     When repository holds no loadable `name`, build a stand-in of the shipped forecaster's
-    shape (2 layers x 64 hidden, 2 inputs, 2 outputs) with tests.helpers.models, and say so.
+    shape (2 layers x 96 hidden, 2 inputs, 2 outputs) with tests.helpers.models, and say so.
     """
     from lstm_serve.core.repository import load_repository
 
@@ -75,11 +75,11 @@ def prepare_model(
             raise RuntimeError(f"model {name!r} not found in {repository}")
         print(
             f"note: {repository}/{name} has no loadable version; benchmarking a freshly exported "
-            f"stand-in of the forecaster's shape (2 layers x 64 hidden, 2 in, 2 out) instead",
+            f"stand-in of the forecaster's shape (2 layers x 96 hidden, 2 in, 2 out) instead",
             flush=True,
         )
         dst = _build_standin(target, name)
-        source = "stand-in: random weights, 2 layers x 64 hidden, 2 in, 2 out (tests.helpers)"
+        source = "stand-in: random weights, 2 layers x 96 hidden, 2 in, 2 out (tests.helpers)"
     built = load_repository(target)
     mv = built.get(name if name in built.models else next(iter(built.models)))
     m = mv.manifest
@@ -96,7 +96,7 @@ def _build_standin(root: Path, name: str) -> Path:
         sys.path.insert(0, str(REPO_ROOT))
         helpers = importlib.import_module("tests.helpers.models")
     version_dir: Path = helpers.make_model_repo(
-        root, name=name, kind="real", input_dim=2, output_dim=2, hidden=64, layers=2, seed=0
+        root, name=name, kind="real", input_dim=2, output_dim=2, hidden=96, layers=2, seed=0
     )
     return version_dir
 
