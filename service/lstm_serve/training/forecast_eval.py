@@ -67,7 +67,9 @@ def mean_mae(pred: npt.NDArray[Any], target: npt.NDArray[Any]) -> float:
 class Forecaster(Protocol):
     name: str
 
-    def forecast(self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int) -> Array:
+    def forecast(
+        self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int
+    ) -> Array:
         """[N, horizon, F] forecasts, row i reading series[: orig[i] + 1] only."""
         ...
 
@@ -78,7 +80,9 @@ class Forecaster(Protocol):
 class Persistence:
     name: str = "persistence"
 
-    def forecast(self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int) -> Array:
+    def forecast(
+        self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int
+    ) -> Array:
         out: Array = np.repeat(np.asarray(series, np.float64)[orig][:, None], horizon, axis=1)
         return out
 
@@ -94,7 +98,9 @@ class SeasonalNaive:
     def __post_init__(self) -> None:
         self.name = self.name or f"seasonal_naive_{self.period}"
 
-    def forecast(self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int) -> Array:
+    def forecast(
+        self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int
+    ) -> Array:
         k = np.arange(1, horizon + 1)
         # The latest observed value at the same phase of the cycle.
         back = self.period * np.ceil(k / self.period).astype(np.int64)
@@ -124,7 +130,9 @@ class VectorAR:
         res = VAR(np.asarray(train, np.float64)).fit(lags, trend="c")
         return cls(lags=lags, intercept=np.asarray(res.intercept), coefs=np.asarray(res.coefs))
 
-    def forecast(self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int) -> Array:
+    def forecast(
+        self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int
+    ) -> Array:
         x = np.asarray(series, np.float64)
         p = self.lags
         if int(orig.min()) < p - 1:
@@ -203,7 +211,9 @@ class HoltWinters:
         trend = np.asarray(res.trend) if self.trend else np.zeros(len(col))
         return np.asarray(res.level), trend, np.asarray(res.season)
 
-    def forecast(self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int) -> Array:
+    def forecast(
+        self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int
+    ) -> Array:
         x = np.asarray(series, np.float64)
         last = int(orig.max()) + 1  # the filter never reads past the last origin
         k = np.arange(1, horizon + 1)
