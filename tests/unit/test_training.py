@@ -304,3 +304,24 @@ def test_residual_ensemble_with_rollout_loss_trains_and_exports(tmp_path: Path) 
     assert all(math.isfinite(e.train_loss) for e in res.history)
     # The export's parity check passed on the merged, residual graph, and it was scored.
     assert set(m.metrics["model"]["h12"]["per_column"]) == {"a", "b"}  # type: ignore[index]
+
+
+def test_test_values_change_no_trained_weight(tmp_path: Path) -> None:
+    """Training, early stopping and normalisation read train and validation only."""
+    recipe = _write_real(tmp_path)
+    res_a = T.train(recipe, runs=tmp_path / "a", export=False)
+    csv_path = tmp_path / "sine.csv"
+    lines = csv_path.read_text().splitlines()
+    split = D.chronological_split(len(lines) - 1, 0.1, 0.1)
+    rng = np.random.default_rng(5)
+    for i in range(1 + split.val_end, len(lines)):
+        lines[i] = f"{i - 1},{rng.normal(40, 9):.4f},{rng.normal(-30, 9):.4f}"
+    csv_path.write_text("\n".join(lines) + "\n")
+    res_b = T.train(recipe, runs=tmp_path / "b", export=False)
+    a = E.load_checkpoint(res_a.checkpoint)
+    b = E.load_checkpoint(res_b.checkpoint)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["model"]["args"] == b["model"]["args"]  # normalisation and residual scale
+    assert [e.val for e in res_a.history] == [e.val for e in res_b.history]
+    # The test split itself did change: the scores on it differ.
+    assert res_a.metrics["model"]["h1"]["mae"] != res_b.metrics["model"]["h1"]["mae"]
