@@ -175,6 +175,9 @@ def live_server(
     server = ServerThread(
         model_repository=repo,
         state_store=redis.url,
+        # A loaded CI machine can stall one Redis call for a while: the dashboard checks are
+        # about data reaching Prometheus, not about store latency.
+        state_store_timeout_s=10.0,
         max_sessions=MAX_SESSIONS,
         cap_policy="evict_lru",
         session_ttl_s=SESSION_TTL_S,

@@ -114,7 +114,18 @@ def test_metrics_count_a_bad_request_by_code(server: ServerThread, client: Clien
     with pytest.raises(grpc.RpcError) as info:
         client.predict("tiny", "obs-bad", xs(9, 1), seq=5)  # an unknown session past seq 0
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # The interceptor counts a call once its status is sent, which can be just after the
+    # client has it: wait (bounded) for the second call's count before reading the rest.
+    handled = {"grpc_code": "NOT_FOUND", **PREDICT}
+    deadline = time.monotonic() + 5
     after = scrape(server)
+    while (
+        value(after, "grpc_server_handled_total", **handled)
+        == value(before, "grpc_server_handled_total", **handled)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+        after = scrape(server)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
