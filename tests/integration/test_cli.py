@@ -83,7 +83,17 @@ def test_models_shows_the_held_out_scores(shipped_models_dir: Path) -> None:
         assert f"LSTM {metrics['model'][f'h{h}']['mae']:.3f}" in line
         for name, b in metrics["baselines"].items():
             assert f"{name} {b[f'h{h}']['mae']:.3f}" in line
-    assert "test bits/char: LSTM" in proc.stdout
+    charlm = json.loads((shipped_models_dir / "charlm" / "1" / "manifest.json").read_text())
+    metrics = charlm["metrics"]
+    source = metrics["held_out_code"]["source"]
+    for key, label in (
+        ("test_bits_per_char", "test bits/char"),
+        ("held_out_code_bits_per_char", f"held-out code ({source}) bits/char"),
+    ):
+        line = next(x for x in proc.stdout.splitlines() if f"{label}: LSTM" in x)
+        assert f"LSTM {metrics['model'][key]:.3f}" in line
+        for name in ("unigram", "bigram", "kn5", "xz_9"):
+            assert f"{name} {metrics['baselines'][name][key]:.3f}" in line
 
 
 def test_models_reports_a_broken_version(tiny_repo_copy: Path) -> None:

@@ -18,6 +18,7 @@ pytest.importorskip("onnx")
 from lstm_serve.core.repository import load_repository  # noqa: E402
 from lstm_serve.training import data as D  # noqa: E402
 from lstm_serve.training import export as E  # noqa: E402
+from lstm_serve.training import text_eval as TE  # noqa: E402
 from lstm_serve.training import train as T  # noqa: E402
 
 REAL_RECIPE = """
@@ -228,6 +229,12 @@ def test_train_and_export_both_kinds(tmp_path: Path) -> None:
     chars = loaded.get("chars").manifest
     assert chars.output == "probabilities" and chars.vocab == D.char_vocab()
     assert chars.data.files == ["a.txt", "b.txt"]
+    # Training scores the test tail and held-out code, beside every baseline, on both.
+    assert chars.metrics["held_out_code"]["files"] == list(TE.HELD_OUT_FILES)
+    for key in ("test_bits_per_char", "held_out_code_bits_per_char"):
+        assert chars.metrics["model"][key] > 0, key
+        for name in ("unigram", "bigram", "kn5", "xz_9"):
+            assert chars.metrics["baselines"][name][key] > 0, (name, key)
     # No staging directories left behind.
     assert sorted(p.name for p in repo.iterdir()) == ["chars", "sine"]
 

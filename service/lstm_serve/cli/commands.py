@@ -116,10 +116,18 @@ def held_out_lines(metrics: dict[str, Any]) -> list[str]:
             scores += [(name, b[key]["mae"]) for name, b in baselines.items() if key in b]
             text = ", ".join(f"{name} {v:.3f}" for name, v in scores)
             lines.append(f"test MAE{units}, {h} step{'s' if h > 1 else ''} ahead: {text}")
-    elif "test_bits_per_char" in model:
-        scores = [("LSTM", model["test_bits_per_char"])]
-        scores += [(n, b["test_bits_per_char"]) for n, b in baselines.items()]
-        lines.append("test bits/char: " + ", ".join(f"{n} {v:.3f}" for n, v in scores))
+    else:  # token models: bits per character on each test text the manifest scores
+        code = metrics.get("held_out_code")
+        code_name = f"held-out code ({code['source']})" if isinstance(code, dict) else ""
+        for key, label in (
+            ("test_bits_per_char", "test bits/char"),
+            ("held_out_code_bits_per_char", f"{code_name} bits/char"),
+        ):
+            if key not in model:
+                continue
+            scores = [("LSTM", model[key])]
+            scores += [(n, b[key]) for n, b in baselines.items() if key in b]
+            lines.append(f"{label}: " + ", ".join(f"{n} {v:.3f}" for n, v in scores))
     return lines
 
 

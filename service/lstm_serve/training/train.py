@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lstm_serve.core.repository import Kind
 from lstm_serve.training import data as D
 from lstm_serve.training import forecast_eval as FE
+from lstm_serve.training import text_eval as TE
 from lstm_serve.training.export import CHECKPOINT_FORMAT, ExportError, export_checkpoint
 
 if TYPE_CHECKING:
@@ -603,36 +604,16 @@ class TokenTask:
         )
 
     def test_metrics(self, model: nn.Module) -> dict[str, Any]:
-        s, v = self.split, len(self.vocab)
-        train, val, test = (
-            self.ids[: s.train_end],
-            self.ids[s.train_end : s.val_end],
-            self.ids[s.val_end :],
-        )
+        s = self.split
         # One stream over val + test, scoring only test: the state is warmed on the text before
         # the test part, as a served session would be.
         model_bits = self._bits(model, self.ids[s.train_end - 1 :], 1, s.val_end - s.train_end)
-        alpha = D.best_bigram_alpha(train, val, v)
-        return {
-            "held_out": (
-                f"test split = last {len(test)} of {len(self.ids)} chars; bits per character; "
-                "baselines fitted on the training split"
-            ),
-            "split": s.as_dict(),
-            "model": {"test_bits_per_char": round(model_bits, 4)},
-            "baselines": {
-                "unigram": {
-                    "test_bits_per_char": round(D.unigram_bits(train, test, v, 1.0), 4),
-                    "smoothing": "add-1",
-                },
-                "bigram": {
-                    "test_bits_per_char": round(
-                        D.bigram_bits(train, test, v, alpha, previous=int(val[-1])), 4
-                    ),
-                    "smoothing": f"add-{alpha:g} (chosen on the validation split)",
-                },
-            },
-        }
+        code = TE.held_out_code()
+        code_ids = D.encode(code.text, self.vocab)
+        code_bits = self._bits(model, code_ids, 1, 0)
+        return TE.metrics(
+            self.ids, self.corpus.text, s, len(self.vocab), code, code_ids, model_bits, code_bits
+        )
 
     def manifest_fields(self) -> dict[str, Any]:
         return {
