@@ -16,7 +16,6 @@ import json
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from lstm_serve.training import data as D
@@ -24,20 +23,6 @@ from lstm_serve.training import text_eval as TE
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models/charlm/1"
-
-
-def lstm_bits(sess: ort.InferenceSession, hidden: int, ids: np.ndarray, warm: np.ndarray) -> float:
-    """Bits/char of ids[1:] given the ids before each, the state first run over `warm`."""
-    h = np.zeros((1, 1, hidden), np.float32)
-    c = h.copy()
-    if len(warm):
-        _, h, c = sess.run(None, {"x": warm[None], "h0": h, "c0": c})
-    total = 0.0
-    for i in range(0, len(ids) - 1, 4096):
-        x = ids[i : i + 4097]
-        y, h, c = sess.run(None, {"x": x[None, :-1], "h0": h, "c0": c})
-        total -= float(np.log2(y[0][np.arange(len(x) - 1), x[1:]]).sum())
-    return total / (len(ids) - 1)
 
 
 def main() -> None:
@@ -55,7 +40,7 @@ def main() -> None:
     code_ids = D.encode(code.text, vocab)
     sess = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
     hidden = sess.get_inputs()[1].shape[2]
-    test = lstm_bits(sess, hidden, ids[s.val_end - 1 :], ids[s.train_end : s.val_end - 1])
+    test = TE.graph_bits(sess, hidden, ids[s.val_end - 1 :], ids[s.train_end : s.val_end - 1])
     metrics = TE.metrics(
         ids,
         corpus.text,
@@ -64,7 +49,7 @@ def main() -> None:
         code,
         code_ids,
         test,
-        lstm_bits(sess, hidden, code_ids, code_ids[:0]),
+        TE.graph_bits(sess, hidden, code_ids, code_ids[:0]),
     )
     print(json.dumps(metrics, indent=2))
     if args.write:

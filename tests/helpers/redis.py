@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.helpers.process import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -65,10 +67,4 @@ class RedisServer:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)

@@ -13,7 +13,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from lstm_serve.core.repository import load_repository
@@ -76,19 +75,6 @@ def test_the_test_texts_change_no_fitted_parameter() -> None:
     )
 
 
-def _lstm_bits(sess: Any, hidden: int, ids: np.ndarray, warm: np.ndarray) -> float:
-    h = np.zeros((1, 1, hidden), np.float32)
-    c = h.copy()
-    if len(warm):
-        _, h, c = sess.run(None, {"x": warm[None], "h0": h, "c0": c})
-    total = 0.0
-    for i in range(0, len(ids) - 1, 4096):
-        x = ids[i : i + 4097]
-        y, h, c = sess.run(None, {"x": x[None, :-1], "h0": h, "c0": c})
-        total -= float(np.log2(y[0][np.arange(len(x) - 1), x[1:]]).sum())
-    return total / (len(ids) - 1)
-
-
 def test_charlm_held_out_metrics_reproduce_from_the_shipped_files() -> None:
     """LSTM (ONNX Runtime), unigram, bigram, 5-gram KN and xz -9 on the stdlib tail and on
     held-out torch code, against the manifest; the LSTM must beat the 5-gram on both."""
@@ -109,10 +95,10 @@ def test_charlm_held_out_metrics_reproduce_from_the_shipped_files() -> None:
     s = D.chronological_split(len(ids), d["val_fraction"], d["test_fraction"])
     code_ids = D.encode(code.text, vocab)
     sess = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
-    lstm_test = _lstm_bits(
+    lstm_test = TE.graph_bits(
         sess, m.hidden_size, ids[s.val_end - 1 :], ids[s.train_end : s.val_end - 1]
     )
-    lstm_code = _lstm_bits(sess, m.hidden_size, code_ids, code_ids[:0])
+    lstm_code = TE.graph_bits(sess, m.hidden_size, code_ids, code_ids[:0])
     got = TE.metrics(ids, corpus.text, s, len(vocab), code, code_ids, lstm_test, lstm_code)
     want = m.metrics
     assert got["split"] == want["split"]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lstm_serve.training import data as D
 
 KN_ORDER = 5
@@ -94,6 +96,21 @@ class KneserNey:
             for i in range(start, len(full))
         )
         return D.bits(nats / len(text))
+
+
+def graph_bits(sess: Any, hidden: int, ids: D.IntArray, warm: D.IntArray) -> float:
+    """Bits/char of ids[1:] given the ids before each, through an exported one-layer graph (an
+    ONNX Runtime session: inputs x, h0, c0), its state first run over `warm`."""
+    h = np.zeros((1, 1, hidden), np.float32)
+    c = h.copy()
+    if len(warm):
+        _, h, c = sess.run(None, {"x": warm[None], "h0": h, "c0": c})
+    total = 0.0
+    for i in range(0, len(ids) - 1, 4096):
+        x = ids[i : i + 4097]
+        y, h, c = sess.run(None, {"x": x[None, :-1], "h0": h, "c0": c})
+        total -= float(np.log2(y[0][np.arange(len(x) - 1), x[1:]]).sum())
+    return total / (len(ids) - 1)
 
 
 def as_text(ids: D.IntArray) -> str:
