@@ -176,6 +176,18 @@ def test_scale_3_to_4_to_2_while_streaming(
     check(data, ys, redis_server, oracle)
 
 
+async def next_seq_of(client: AsyncClient, sid: str) -> int:
+    """GetSession through the proxy, retried while it still routes to the killed replica."""
+    for _ in range(100):
+        try:
+            return (await client.get_session("tiny", sid)).next_seq
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"GetSession of {sid} stayed UNAVAILABLE")
+
+
 async def predict_all(
     target: str, data: dict[str, np.ndarray], progress: threading.Event
 ) -> tuple[dict[str, np.ndarray], int, int]:
@@ -197,7 +209,7 @@ async def predict_all(
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and gap:
                     expected = int(gap.group(1))
                     assert expected < seq, exc.details()
-                    assert (await client.get_session("tiny", sid)).next_seq == expected
+                    assert await next_seq_of(client, sid) == expected
                     lost[0] += seq - expected
                     seq = expected
                     continue
