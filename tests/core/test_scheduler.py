@@ -313,3 +313,98 @@ def test_end_of_a_failed_request_keeps_the_session() -> None:
         assert sched.store.slot("a") is not None
 
     run(main())
+
+
+async def _settle() -> None:
+    """Let the loop run the ticks that are due (the executor is held by the test's gate)."""
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+def test_the_next_batch_is_prepared_while_one_runs() -> None:
+    """With a batch in the executor, the next tick takes requests of other sessions and queues
+    their batch behind it; a request on a session in flight waits for its commit, in order."""
+
+    async def main() -> None:
+        sched, rt = make(Limits(inline_max_steps=0))
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        rt.gate = threading.Event()
+        a2 = sched.submit_step(F.single("a", steps(2)), ["a"], None)
+        await _settle()
+        b = sched.submit_step(F.single("b", steps(5)), ["b"], None)
+        a3 = sched.submit_step(F.single("a", steps(3)), ["a"], None)
+        await _settle()
+        assert sched.ticks == 3 and sched.busy("b") and sched.in_flight() == 3
+        c = sched.submit_step(F.single("c", steps(7)), ["c"], None)
+        await _settle()
+        assert sched.ticks == 3  # two batches in the executor: the next tick waits
+        assert not any(f.done() for f in (a2, b, a3, c))
+        rt.gate.set()
+        r2, rb, r3, rc = await asyncio.gather(a2, b, a3, c)
+        assert (r2.seq.tolist(), r2.y[0, :, 0].tolist()) == ([1], [3.0])
+        assert (r3.seq.tolist(), r3.y[0, :, 0].tolist()) == ([2], [6.0])
+        assert rb.y[0, :, 0].tolist() == [5.0] and rc.y[0, :, 0].tolist() == [7.0]
+        sched.close()
+
+    run(main())
+
+
+def test_one_batch_in_flight_when_asked() -> None:
+    async def main() -> None:
+        sched, rt = make(Limits(inline_max_steps=0, max_batches_in_flight=1))
+        rt.gate = threading.Event()
+        a = sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        await _settle()
+        b = sched.submit_step(F.single("b", steps(2)), ["b"], None)
+        await _settle()
+        assert sched.ticks == 1 and not b.done()  # b's tick waits for a's batch
+        rt.gate.set()
+        assert [float((await f).y[0, 0, 0]) for f in (a, b)] == [1.0, 2.0]
+        assert sched.ticks == 2
+        sched.close()
+
+    run(main())
+
+
+def test_a_forecast_waits_for_the_batch_in_flight() -> None:
+    """A roll-out's rows follow the previous tick's answer: it never starts beside a batch in
+    the executor, and its answer is the same."""
+
+    async def main() -> None:
+        sched, rt = make(Limits(inline_max_steps=0))
+        await sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        rt.gate = threading.Event()
+        b = sched.submit_step(F.single("b", steps(1)), ["b"], None)
+        await _settle()
+        loop = asyncio.get_running_loop()
+        ro = Rollout("a", "a", 3, True, Sampling(), False, None, loop.create_future(), None, 0.0)
+        fut = sched.submit_rollout(ro)
+        await _settle()
+        assert not sched.rollouts and not fut.done()  # held, not started
+        rt.gate.set()
+        res = await fut
+        await b
+        assert res.y[:, 0].tolist() == [1.0, 2.0, 4.0] and res.next_seq == 4
+        sched.close()
+
+    run(main())
+
+
+def test_lru_eviction_spares_a_session_in_flight() -> None:
+    async def main() -> None:
+        sched, rt = make(Limits(inline_max_steps=0, cap_policy=CapPolicy.evict_lru), capacity=2)
+        for sid in ("a", "b"):  # a is the least recently used
+            await sched.submit_step(F.single(sid, steps(1)), [sid], None)
+        rt.gate = threading.Event()
+        a = sched.submit_step(F.single("a", steps(1)), ["a"], None)
+        await _settle()
+        c = sched.submit_step(F.single("c", steps(1)), ["c"], None)
+        await _settle()
+        assert sched.store.slot("b") is None  # evicted in a's place while a runs
+        rt.gate.set()
+        assert (await a).next_seq.tolist() == [2] and (await c).next_seq.tolist() == [1]
+        assert sched.store.slot("a") is not None and sched.store.slot("c") is not None
+        assert float(sched.store.h[0, sched.store.slot("a"), 0]) == 2.0
+        sched.close()
+
+    run(main())

@@ -51,6 +51,8 @@ class EngineSettings(Protocol):
     @property
     def inference_stall_s(self) -> float: ...
     @property
+    def max_batches_in_flight(self) -> int: ...
+    @property
     def max_steps_per_request(self) -> int: ...
     @property
     def max_sessions_per_request(self) -> int: ...
@@ -141,8 +143,9 @@ class Engine:
         choice = choose_device(s.device)
         self.device = choice.device
         limits = Limits(
-            s.max_batch_size, s.max_queue, s.inline_max_steps, s.cap_policy, s.inference_stall_s
-        )
+            s.max_batch_size, s.max_queue, s.inline_max_steps, s.cap_policy, s.inference_stall_s,
+            s.max_batches_in_flight,
+        )  # fmt: skip
         for mv in self.repository.all():
             m = mv.manifest
             label = f"{m.name}:{m.version}"

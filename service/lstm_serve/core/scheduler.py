@@ -58,6 +58,9 @@ class Limits:
     inline_max_steps: int = 128  # batches of up to this many session-steps run on the loop
     cap_policy: CapPolicy = CapPolicy.refuse
     stall_s: float = 120.0  # an inference call longer than this is a dead worker
+    # Batches in the executor at once: with 2 the loop prepares the next batch (of other
+    # sessions) while one runs; 1 runs them strictly one after another.
+    max_batches_in_flight: int = 2
 
 
 @dataclass(slots=True)
@@ -155,9 +158,10 @@ class Scheduler:
         self.rollouts: list[Rollout] = []
         self.queued = 0  # sessions (rows) pending
         self._scheduled = False
-        self._busy = False
         self._closed = False
-        self._inflight: _Tick | None = None  # the batch in the executor
+        # Batches in the executor, oldest first. Their sessions are disjoint: a request on a
+        # session that one of them holds waits until it is committed.
+        self._inflight: list[_Tick] = []
         self._admitted: list[Job] = []  # taken from the queue by the current tick
         self._loop: asyncio.AbstractEventLoop | None = None
         self._req_counters: dict[tuple[str, str], object] = {}
@@ -179,7 +183,18 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.pending and not self.rollouts and not self._busy
+        return not self.pending and not self.rollouts and not self._inflight
+
+    def _blocked(self) -> bool:
+        """Whether a new tick must wait for the batches in the executor. Roll-outs add a row to
+        every tick from the previous tick's answer, and the shared store flushes between ticks,
+        so both run strictly one batch at a time."""
+        n = len(self._inflight)
+        if n == 0:
+            return False
+        return (
+            n >= self.limits.max_batches_in_flight or bool(self.rollouts) or self.sync is not None
+        )
 
     def submit_step(
         self, frame: Frame, keys: list[str], deadline: float | None
@@ -215,7 +230,7 @@ class Scheduler:
         self._kick()
 
     def _kick(self) -> None:
-        if not self._scheduled and not self._busy:
+        if not self._scheduled and not self._blocked():
             self._scheduled = True
             self.loop.call_soon(self._tick)
 
@@ -223,11 +238,11 @@ class Scheduler:
         """Whether a request on this session is queued or running."""
         if any(key in job.keys for job in self.pending) or any(r.key == key for r in self.rollouts):
             return True
-        return self._inflight is not None and key in self._inflight.keys
+        return any(key in t.keys for t in self._inflight)
 
     def in_flight(self) -> int:
         """Requests queued or running."""
-        running = len(self._inflight.jobs) if self._inflight is not None else 0
+        running = sum(len(t.jobs) for t in self._inflight)
         return len(self.pending) + len(self.rollouts) + running
 
     def close(self) -> None:
@@ -239,7 +254,7 @@ class Scheduler:
 
     def _tick(self) -> None:
         self._scheduled = False
-        if self._busy:
+        if self._blocked():
             return
         self._admitted = []
         try:
@@ -249,17 +264,17 @@ class Scheduler:
             for job in [*self._admitted, *self.rollouts]:
                 self._fail(job, exc)
             self.rollouts.clear()
-            self._busy = False
         except BaseException as exc:  # not an error of one batch: the worker itself is gone
             self._break(f"inference worker failed ({type(exc).__name__})", exc)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
-            if self.sync is not None and not self._busy:
+            if self.sync is not None and not self._inflight:
                 self.sync.flush()
-            # Requests held back this tick (their session was taken) need another one; those
-            # waiting for a load are kicked when it ends.
-            if not self._busy and (self.rollouts or (self.pending and self._runnable())):
+            # Requests held back behind this tick's own need another tick. When it admitted
+            # nothing, all that waits is held by a batch in the executor (kicked when it is
+            # committed) or by a load (kicked when it ends).
+            if self.rollouts or (self._admitted and self.pending and self._runnable()):
                 self._kick()
 
     def _runnable(self) -> bool:
@@ -272,6 +287,9 @@ class Scheduler:
             sync.before_tick()
         now = time.monotonic()
         taken = {r.key for r in self.rollouts}
+        overlapped = bool(self._inflight)  # prepared while a batch runs in the executor
+        for t in self._inflight:
+            taken.update(t.keys)
         jobs: list[StepJob] = []
         rows = 0
         full = False
@@ -283,8 +301,14 @@ class Scheduler:
             self.queued -= job.rows
             if job.future.done():
                 continue  # its caller went away before it started
-            # A session this replica does not hold waits while sync loads it.
-            if full or not taken.isdisjoint(job.keys) or (sync is not None and not sync.ready(job)):
+            # A session this replica does not hold waits while sync loads it; a forecast waits
+            # for a tick with nothing in the executor (its rows follow the previous tick's).
+            if (
+                full
+                or not taken.isdisjoint(job.keys)
+                or (overlapped and isinstance(job, Rollout))
+                or (sync is not None and not sync.ready(job))
+            ):
                 keep.append(job)
                 self.queued += job.rows
                 taken.update(job.keys)
@@ -323,23 +347,33 @@ class Scheduler:
             self._finish(tick, self._run_parts(tick.parts))
             return
         fut = self.loop.run_in_executor(self._executor, self._run_parts, tick.parts)
-        self._busy = True
-        self._inflight = tick
-        self._stall_timer = self.loop.call_later(
-            self.limits.stall_s, self._break, f"inference stalled for over {self.limits.stall_s:g}s"
-        )
+        self._inflight.append(tick)
+        if len(self._inflight) == 1:
+            self._arm_stall()
         fut.add_done_callback(lambda f: self._done(tick, f))
 
-    def _done(self, tick: _Tick, fut: asyncio.Future[list[Outputs | BaseException]]) -> None:
+    def _arm_stall(self) -> None:
+        """Watch the oldest batch in the executor (the one running: the worker runs them in
+        order), so that a queued batch is not charged for the time of the one before it."""
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
-        if self._inflight is not tick:
+        if self._inflight:
+            self._stall_timer = self.loop.call_later(
+                self.limits.stall_s,
+                self._break,
+                f"inference stalled for over {self.limits.stall_s:g}s",
+            )
+
+    def _done(self, tick: _Tick, fut: asyncio.Future[list[Outputs | BaseException]]) -> None:
+        if tick not in self._inflight:
             return  # the model was marked broken while this ran: its callers have their answer
         exc = fut.exception()
         if exc is not None:  # _run_parts contains each batch's errors: this is the worker
             self._break(f"inference worker failed ({type(exc).__name__})", exc)
             return
+        self._inflight.remove(tick)
+        self._arm_stall()
         self._finish(tick, fut.result())
 
     def _break(self, reason: str, exc: BaseException | None = None) -> None:
@@ -352,16 +386,16 @@ class Scheduler:
         self.probes.worker_failures.inc()
         err = Unavailable(self.broken)
         waiting: list[Job] = [*self._admitted, *self.pending, *self.rollouts]
-        if self._inflight is not None:
-            waiting += self._inflight.jobs
+        for t in self._inflight:
+            waiting += t.jobs
         for job in waiting:
             if not job.future.done():
                 self._fail(job, err)
         self.pending.clear()
         self.rollouts.clear()
         self.queued = 0
-        self._inflight = None
-        self._busy = False
+        self._inflight = []
+        self._arm_stall()
         if self.on_broken is not None:
             self.on_broken(self.broken)
 
@@ -589,9 +623,7 @@ class Scheduler:
             for job in tick.jobs:
                 self._fail(job, exc)
         finally:
-            self._busy = False
-            self._inflight = None
-            if self.sync is not None:
+            if self.sync is not None and not self._inflight:
                 self.sync.flush()
             if self.rollouts or (self.pending and self._runnable()):
                 self._kick()
@@ -895,8 +927,8 @@ class Scheduler:
         protect = {r.key for r in self.rollouts}
         for job in self.pending:
             protect.update(job.keys)
-        if self._inflight is not None:
-            protect.update(self._inflight.keys)
+        for t in self._inflight:
+            protect.update(t.keys)
         expired = self.store.expired(ttl_s, now, protect)
         if expired:
             self.store.remove(expired)

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Batches of up to this many session-steps run ONNX Runtime on the event loop (no thread hop; the loop waits for it); larger ones in a thread (0: always a thread). Chosen with scripts/inline_threshold.py.",
     )
+    max_batches_in_flight: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Batches handed to the inference thread at once: with 2 the event loop prepares the next batch (of other sessions) while one runs; 1 runs them strictly one after another.",
+    )
     inference_stall_s: float = Field(
         120.0,
         gt=0,
