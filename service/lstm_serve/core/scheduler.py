@@ -484,9 +484,21 @@ class Scheduler:
         n = len(keys)
         steps = np.empty(n, np.int64)
         digests = np.empty(n, np.uint64)
+        # Step rows grouped by step count: one digest per group (a row's digest is its own),
+        # and each group is one part's input below.
+        by_t: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         for rows_, x in blocks:
-            steps[rows_] = x.shape[1]
+            by_t.setdefault(x.shape[1], []).append((rows_, x))
+        groups: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for t, group in by_t.items():
+            if len(group) == 1:
+                rows_, x = group[0]
+            else:
+                rows_ = np.concatenate([g[0] for g in group])
+                x = np.concatenate([g[1] for g in group])
+            steps[rows_] = t
             digests[rows_] = digest(x)
+            groups[t] = (rows_, x)
         slots = store.lookup(keys)
         plan = P.plan_rows(store, slots, seq, reset, steps, digests)
         owner = np.repeat(np.arange(n_jobs), [j.rows for j in jobs]) if n_jobs > 1 else None
@@ -530,24 +542,15 @@ class Scheduler:
         if not ok.all():
             runs &= ok if owner is None else ok[owner]
         # Parts: step rows grouped by step count, then the roll-outs' rows.
-        by_t: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for rows_, x in blocks:
-            by_t.setdefault(x.shape[1], []).append((rows_, x))
+        empty = np.empty(0, np.int64)
         for r in self.rollouts:
             assert r.pending_x is not None
-            by_t.setdefault(r.pending_x.shape[1], [])
-        empty = np.empty(0, np.int64)
+            groups.setdefault(r.pending_x.shape[1], (empty, r.pending_x[:0]))
         parts: list[_Part] = []
         zero = action == P.RESET
-        for t, group in by_t.items():
+        for t, (rows_, x) in groups.items():
             xs, hs, cs = [], [], []
-            rows_ = empty
-            if group:
-                if len(group) == 1:
-                    rows_, x = group[0]
-                else:
-                    rows_ = np.concatenate([g[0] for g in group])
-                    x = np.concatenate([g[1] for g in group])
+            if len(rows_):
                 sel = runs[rows_]
                 if not sel.all():
                     rows_, x = rows_[sel], x[sel]
