@@ -161,7 +161,8 @@ def test_session_cap_evicts_least_recently_used(tiny_repo: Path) -> None:
 
 
 def test_bounded_queue_sheds_and_changes_nothing(limited: ServerThread) -> None:
-    """max_queue=4 session-steps waiting: the fifth is refused, nothing of it applied."""
+    """max_queue=4 sessions waiting: the fifth is refused, nothing of it applied. Two batches
+    are in the inference thread's hands first (max_batches_in_flight), and are not waiting."""
     with Client(limited.target) as c:
         c.predict("tiny", "q-old", np.ones((3, 3)), seq=0)
         before = _state(limited, "q-old")
@@ -170,6 +171,7 @@ def test_bounded_queue_sheds_and_changes_nothing(limited: ServerThread) -> None:
                 step_request("tiny", [session_steps("q0", np.ones((1, 3)))])
             )
             time.sleep(0.2)  # q0 is in runtime.run, held; the queue is empty
+            # q1-q2 becomes the second batch in flight; q3-q6 wait: the queue is full.
             queued = [
                 c.stub.Predict.future(
                     step_request(
@@ -180,8 +182,8 @@ def test_bounded_queue_sheds_and_changes_nothing(limited: ServerThread) -> None:
                         ],
                     )
                 )
-                for i in (1, 3)
-            ]  # four sessions waiting: the queue is full
+                for i in (1, 3, 5)
+            ]
             time.sleep(0.2)
             for req in (
                 step_request("tiny", [session_steps("q-old", np.ones((2, 3)), seq=3)]),
@@ -195,10 +197,10 @@ def test_bounded_queue_sheds_and_changes_nothing(limited: ServerThread) -> None:
             assert _state(limited, "q-new") is None
             gate.set()
             assert running.result(10).sessions[0].next_seq == 1
-            assert [len(f.result(10).sessions) for f in queued] == [2, 2]
+            assert [len(f.result(10).sessions) for f in queued] == [2, 2, 2]
         # Shed, not broken: the same request succeeds once there is room.
         assert c.predict("tiny", "q-old", np.ones((2, 3)), seq=3).next_seq == 5
-        for i in range(5):
+        for i in range(7):
             c.end_session("tiny", f"q{i}")
 
 

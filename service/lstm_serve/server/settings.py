@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         4096,
         ge=1,
-        description="Most sessions waiting per model (a frame counts each of its sessions); requests beyond it are refused (RESOURCE_EXHAUSTED), except one alone in an empty queue.",
+        description="Most sessions waiting per model (a frame counts each of its sessions; the batches handed to the inference thread, max_batches_in_flight of max_batch_size rows at most, are not waiting); requests beyond it are refused (RESOURCE_EXHAUSTED), except one alone in an empty queue.",
     )
     max_steps_per_request: int = Field(
         4096, ge=1, description="Most steps one session may send in one request."
