@@ -56,14 +56,18 @@ def summarise(profile: Path) -> Counter[str]:
     return counts
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "dir", type=Path, help="the --profile directory (results.json beside it or in it)"
     )
     ap.add_argument("--loads", default="pingpong,streams64,gateway256")
     ap.add_argument("--results", type=Path, default=None, help="results.json of the same run")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     results_path = args.results or next(
         p for p in (args.dir / "results.json", args.dir.parent / "results.json") if p.exists()
     )
