@@ -408,3 +408,32 @@ def test_lru_eviction_spares_a_session_in_flight() -> None:
         sched.close()
 
     run(main())
+
+
+def test_the_replay_budget_bounds_its_memory() -> None:
+    """replay_cache_bytes is a bound on memory, not a count of answer bytes: what entries hold
+    beyond their answers is counted, and evicted entries let go of their arrays."""
+    import gc
+    import tracemalloc
+
+    budget = 1 << 20
+
+    async def main() -> int:
+        sched, rt = make(capacity=100)
+        sched.replay = ReplayCache(budget)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(4000):  # about four times what the budget holds
+                key = f"s{i % 50}"
+                await sched.submit_step(F.single(key, steps(1)), [key], None)
+            rt.batches.clear()  # the test runtime's own record
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert sched.replay.bytes <= budget and len(sched.replay) < 4000
+        return grown
+
+    assert run(main()) < 1.15 * budget
