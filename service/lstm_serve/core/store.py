@@ -1,8 +1,8 @@
 """The session store: key -> slot, and the state columns. The only writer of session state.
 
 Columns are preallocated arrays indexed by slot; h and c are [layers, capacity, hidden] so a
-batch's state is gathered as store.h[:, slots], already in the graph's [layers, batch, hidden]
-layout. np.zeros maps pages lazily, so a large capacity costs memory only as slots fill.
+batch's state is gathered as np.take(store.h, slots, axis=1), already in the graph's
+[layers, batch, hidden] layout and C-contiguous. np.zeros maps pages lazily, so a large capacity costs memory only as slots fill.
 
 Only the scheduler calls the mutating methods, on the event loop, between inference calls; that
 order, not a lock, gives one writer per session (docs/architecture.md).
