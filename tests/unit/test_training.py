@@ -72,6 +72,7 @@ batch = 4
 bptt = 32
 epochs = 3
 lr = 0.01
+lr_schedule = "cosine"
 eval_streams = 2
 """
 
@@ -153,6 +154,32 @@ def test_train_epoch_carries_detached_state_across_chunks() -> None:
         assert not h_next.requires_grad and not c_next.requires_grad  # truncated: detached
         assert torch.equal(h_next, hn) and torch.equal(c_next, cn)  # ... but carried
         assert torch.count_nonzero(h_next) > 0
+
+
+def test_cosine_schedule_steps_once_per_chunk_down_to_zero() -> None:
+    from lstm_serve.training.model import RealLSTM
+
+    torch.manual_seed(0)
+    model = RealLSTM(1, 1, hidden_size=4, layers=1)
+    streams = D.to_streams(np.sin(np.arange(300) / 5).astype(np.float32)[:, None], 3)
+    n = D.chunks_per_epoch(streams.shape[1], 10)
+    assert n == len(list(D.bptt_chunks(streams, 10))) == 10
+    spec = T.TrainSpec(batch=3, bptt=10, epochs=2, lr=0.01, lr_schedule="cosine")
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    sched = T.cosine_schedule(opt, spec.epochs * n)
+    seen: list[float] = []
+    plain = T.plain_chunk_loss(model.forward_normalised, torch.nn.functional.mse_loss)
+
+    def chunk_loss(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, c: torch.Tensor):  # type: ignore[no-untyped-def]
+        seen.append(opt.param_groups[0]["lr"])
+        return plain(x, y, h, c)
+
+    for _ in range(3):  # one epoch more than planned: the lr stays at 0
+        T.train_epoch(model, chunk_loss, streams, spec, opt, 0, float("inf"), sched)
+    assert len(seen) == 3 * n
+    assert seen[0] == 0.01 and seen[n] == pytest.approx(0.005)
+    assert all(a > b for a, b in itertools.pairwise(seen[: 2 * n]))
+    assert seen[2 * n :] == [0.0] * n
 
 
 def test_chronological_split_keeps_the_tail_for_test() -> None:

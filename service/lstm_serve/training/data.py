@@ -87,6 +87,11 @@ def bptt_chunks(
         start = stop
 
 
+def chunks_per_epoch(length: int, bptt: int) -> int:
+    """The chunks bptt_chunks yields over streams of `length` steps at offset 0."""
+    return -(-(length - 1) // bptt)
+
+
 # --------------------------------------------------------------------------- real-valued series
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import os
 import platform
 import random
@@ -91,6 +92,11 @@ class TrainSpec(BaseModel):
     patience: int = Field(5, ge=1, description="epochs without val improvement before stopping")
     lr_patience: int = Field(2, ge=0, description="epochs without improvement before lr decays")
     lr_factor: float = Field(0.5, gt=0, le=1)
+    lr_schedule: Literal["plateau", "cosine"] = Field(
+        "plateau",
+        description="plateau: lr decays by lr_factor when validation stalls; cosine: lr falls "
+        "from lr to 0 over every step of the planned epochs",
+    )
     max_minutes: float = Field(10.0, gt=0, description="wall-clock guard (breaks reproducibility)")
     eval_streams: int = Field(8, ge=1, description="token models: streams for validation")
     ensemble: int = Field(
@@ -210,6 +216,20 @@ def plain_chunk_loss(forward: Forward, loss_fn: LossFn) -> ChunkLoss:
     return chunk_loss
 
 
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """lr * (1 + cos(pi * step / steps)) / 2, then 0: a fixed budget ends on small steps.
+
+    Clamped at `steps`: an epoch that starts at a nonzero offset may have a chunk fewer or more
+    than planned, and the lr must not climb back up.
+    """
+    import torch
+
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train_epoch(
     model: nn.Module,
     chunk_loss: ChunkLoss,
@@ -218,15 +238,19 @@ def train_epoch(
     opt: torch.optim.Optimizer,
     offset: int,
     deadline: float,
+    step_sched: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, bool]:
-    """One pass of truncated BPTT over streams [batch, L, ...]; (mean loss, finished in time)."""
+    """One pass of truncated BPTT over streams [batch, L, ...]; (mean loss, finished in time).
+
+    `step_sched`, if given, steps after every optimiser step (a per-step lr schedule).
+    """
     import torch
 
     lstm: torch.nn.LSTM = model.lstm  # type: ignore[assignment]
     state = zero_state(lstm.num_layers, streams.shape[0], lstm.hidden_size)
     model.train()
     total, count = 0.0, 0
-    n_chunks = -(-(streams.shape[1] - 1 - offset) // spec.bptt)
+    n_chunks = D.chunks_per_epoch(streams.shape[1] - offset, spec.bptt)
     next_note = time.monotonic() + PROGRESS_EVERY_S
     for x, y in D.bptt_chunks(streams, spec.bptt, offset):
         # Carry the state's value but not its history: gradients stop at the chunk boundary.
@@ -241,6 +265,8 @@ def train_epoch(
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
         opt.step()
+        if step_sched is not None:
+            step_sched.step()
         state = (hn, cn)
         total += float(loss.item())
         count += 1
@@ -680,6 +706,11 @@ def _fit_one(
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, factor=spec.lr_factor, patience=spec.lr_patience
     )
+    step_sched = (
+        cosine_schedule(opt, spec.epochs * D.chunks_per_epoch(task.streams.shape[1], spec.bptt))
+        if spec.lr_schedule == "cosine"
+        else None
+    )
     start = time.monotonic()
     history: list[EpochStats] = []
     best_val, best_epoch = float("inf"), 0
@@ -690,10 +721,11 @@ def _fit_one(
         offset = 0 if epoch == 1 else int(rng.integers(0, spec.bptt))
         streams = task.epoch_streams(rng)
         loss, finished = train_epoch(
-            model, task.chunk_loss(model), streams, spec, opt, offset, deadline
+            model, task.chunk_loss(model), streams, spec, opt, offset, deadline, step_sched
         )
         val = task.validate(model)
-        sched.step(val)
+        if step_sched is None:
+            sched.step(val)
         elapsed = time.monotonic() - start
         history.append(EpochStats(epoch, loss, val, elapsed))
         improved = val < best_val
