@@ -67,3 +67,23 @@ def test_quick_bench_writes_json(tmp_path: Path) -> None:
     assert len(result["targets"]) == 5
     assert all(t["ok"] is not None for t in result["targets"])
     assert "| target |" in (out / "results.md").read_text()
+
+
+def test_memory_alone_runs_no_server_load(tmp_path: Path) -> None:
+    """`--only memory` (or raw,memory) once failed dividing by the number of servers: zero."""
+    make_model_repo(tmp_path / "repo", name="tiny", kind="real", input_dim=1, output_dim=1,
+                    hidden=8, layers=2)  # fmt: skip
+    out = tmp_path / "out"
+    args = build_parser().parse_args(
+        [
+            "bench", "--only", "memory", "--no-plots", "--out", str(out),
+            "--model-repository", str(tmp_path / "repo"), "--model", "tiny",
+            "--memory-sessions", "500",
+        ]
+    )  # fmt: skip
+    from lstm_serve.bench.run import run
+
+    assert run(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["servers"] == {}
+    assert [r["sessions"] for r in result["memory"]["rows"]] == [500]

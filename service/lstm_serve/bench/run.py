@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             for kind, srv in procs.items():
                 results["servers"][kind]["idle_rss_bytes"] = srv.rss_bytes()
-            for ld in loads:
+            for ld in loads if servers else ():  # --only raw,memory runs no server load
                 for rnd in range(args.repeat):
                     order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
                     for kind in order:
