@@ -100,6 +100,29 @@ class OnePass:
         return y[0], hn[:, 0], cn[:, 0]
 
 
+def session_state(srv: ServerThread, sid: str, model: str = "tiny") -> tuple[int, bytes] | None:
+    """A session's next_seq and its h and c bytes, read from the store; None when absent."""
+    assert srv.engine is not None
+    store = srv.engine.model(model).store
+    slot = store.slot(sid)
+    if slot is None:
+        return None
+    return int(store.next_seq[slot]), store.h[:, slot].tobytes() + store.c[:, slot].tobytes()
+
+
+def all_states(srv: ServerThread) -> dict[str, tuple[int, bytes]]:
+    """Every session of every model: "label/key" -> (next_seq, h and c bytes)."""
+    assert srv.engine is not None
+    out = {}
+    for lm in srv.engine.models.values():
+        for key, slot in lm.store.slots.items():
+            out[f"{lm.label}/{key}"] = (
+                int(lm.store.next_seq[slot]),
+                lm.store.h[:, slot].tobytes() + lm.store.c[:, slot].tobytes(),
+            )
+    return out
+
+
 def xs(seed: int, n: int) -> np.ndarray:
     """n random steps for the tiny real model (3 features)."""
     return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)

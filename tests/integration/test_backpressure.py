@@ -25,7 +25,7 @@ import pytest
 
 from lstm_serve.client import AsyncClient, Client, session_steps, step_request
 from tests.helpers.proxy import ServeProcess
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import OnePass, ServerThread, session_state
 from tests.helpers.server import inference_blocked as gated
 
 ATOL = 1e-5
@@ -38,16 +38,6 @@ def _code(fn: Any) -> grpc.StatusCode:
     except grpc.RpcError as err:
         return err.code()
     return C.OK
-
-
-def _state(srv: ServerThread, sid: str) -> tuple[int, bytes] | None:
-    lm = srv.engine.model("tiny")
-    slot = lm.store.slot(sid)
-    if slot is None:
-        return None
-    return int(lm.store.next_seq[slot]), lm.store.h[:, slot].tobytes() + lm.store.c[
-        :, slot
-    ].tobytes()
 
 
 def _wait_for(cond: Any, timeout: float = 5.0) -> None:
@@ -84,12 +74,12 @@ def test_message_size_limit(tiny_repo: Path) -> None:
         Client(limited.target) as c,
     ):
         c.predict("tiny", "big", np.ones((2, 3)), seq=0)
-        before = _state(limited, "big")
+        before = session_state(limited, "big")
         too_big = step_request("tiny", [session_steps("big", np.ones((6000, 3)), seq=2)])  # 72 kB
         assert too_big.ByteSize() > 64 * 1024
         assert _code(lambda: c.stub.Predict(too_big)) is C.RESOURCE_EXHAUSTED
         assert _code(lambda: list(c.stub.Stream(iter([too_big])))) is C.RESOURCE_EXHAUSTED
-        assert _state(limited, "big") == before
+        assert session_state(limited, "big") == before
         fits = [session_steps("big", np.ones((1000, 3)), seq=2)]
         fits += [session_steps(f"big{i}", np.ones((1000, 3))) for i in range(3)]  # 48 kB each way
         assert [r.next_seq for r in c.step(step_request("tiny", fits))] == [1002, 1000, 1000, 1000]
@@ -100,7 +90,7 @@ def test_message_size_limit(tiny_repo: Path) -> None:
 def test_steps_and_sessions_per_request(limited: ServerThread) -> None:
     with Client(limited.target) as c:
         c.predict("tiny", "lim", np.ones((1, 3)), seq=0)
-        before = _state(limited, "lim")
+        before = session_state(limited, "lim")
         for req, text in (
             (step_request("tiny", [session_steps("lim", np.ones((1001, 3)))]), "at most 1000"),
             (
@@ -111,7 +101,7 @@ def test_steps_and_sessions_per_request(limited: ServerThread) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 c.step(req)
             assert err.value.code() is C.INVALID_ARGUMENT and text in (err.value.details() or "")
-        assert _state(limited, "lim") == before
+        assert session_state(limited, "lim") == before
         assert not c.get_session("tiny", "l0").exists
 
 
@@ -122,7 +112,7 @@ def test_session_cap_refuse(tiny_repo: Path) -> None:
     ):
         for i in range(4):
             c.predict("tiny", f"cap{i}", np.ones((1, 3)), seq=0)
-        before = {f"cap{i}": _state(srv, f"cap{i}") for i in range(4)}
+        before = {f"cap{i}": session_state(srv, f"cap{i}") for i in range(4)}
         with pytest.raises(grpc.RpcError) as err:
             c.predict("tiny", "cap4", np.ones((1, 3)))
         assert err.value.code() is C.RESOURCE_EXHAUSTED
@@ -135,7 +125,7 @@ def test_session_cap_refuse(tiny_repo: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             c.step(step_request("tiny", frame))
         assert err.value.code() is C.RESOURCE_EXHAUSTED
-        assert {f"cap{i}": _state(srv, f"cap{i}") for i in range(4)} == before
+        assert {f"cap{i}": session_state(srv, f"cap{i}") for i in range(4)} == before
         assert not c.get_session("tiny", "cap4").exists
         c.end_session("tiny", "cap3")
         assert c.predict("tiny", "cap4", np.ones((1, 3))).next_seq == 1
@@ -165,7 +155,7 @@ def test_bounded_queue_sheds_and_changes_nothing(limited: ServerThread) -> None:
     are in the inference thread's hands first (max_batches_in_flight), and are not waiting."""
     with Client(limited.target) as c:
         c.predict("tiny", "q-old", np.ones((3, 3)), seq=0)
-        before = _state(limited, "q-old")
+        before = session_state(limited, "q-old")
         with gated(limited) as gate:
             running = c.stub.Predict.future(
                 step_request("tiny", [session_steps("q0", np.ones((1, 3)))])
@@ -193,8 +183,8 @@ def test_bounded_queue_sheds_and_changes_nothing(limited: ServerThread) -> None:
                     c.step(req)
                 assert err.value.code() is C.RESOURCE_EXHAUSTED
                 assert "queue full" in (err.value.details() or "")
-            assert _state(limited, "q-old") == before
-            assert _state(limited, "q-new") is None
+            assert session_state(limited, "q-old") == before
+            assert session_state(limited, "q-new") is None
             gate.set()
             assert running.result(10).sessions[0].next_seq == 1
             assert [len(f.result(10).sessions) for f in queued] == [2, 2, 2]

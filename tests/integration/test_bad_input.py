@@ -11,7 +11,7 @@ import pytest
 
 from lstm_serve.client import Client, session_steps
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
-from tests.helpers.server import ServerThread
+from tests.helpers.server import ServerThread, all_states
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -32,17 +32,6 @@ def client(server: ServerThread) -> Iterator[Client]:
         c.predict("tiny", "victim", np.ones((4, 3)), seq=0)
         c.predict("tinytok", "victim", tokens=[1, 2, 3], seq=0)
         yield c
-
-
-def _state(server: ServerThread) -> dict[str, tuple[int, bytes]]:
-    out = {}
-    for lm in server.engine.models.values():
-        for key, slot in lm.store.slots.items():
-            out[f"{lm.label}/{key}"] = (
-                int(lm.store.next_seq[slot]),
-                lm.store.h[:, slot].tobytes() + lm.store.c[:, slot].tobytes(),
-            )
-    return out
 
 
 def _raw(model: str, *steps: pb.SessionSteps, version: str = "") -> pb.StepRequest:
@@ -87,14 +76,14 @@ def test_bad_request_gets_clear_status_and_changes_nothing(
     code: grpc.StatusCode,
     text: str,
 ) -> None:
-    before = _state(server)
+    before = all_states(server)
     for call in (client.stub.Predict, lambda r: next(iter(client.stub.Stream(iter([r]))))):
         with pytest.raises(grpc.RpcError) as err:
             call(request_)
         assert err.value.code() is code, err.value.details()
         assert text in (err.value.details() or "")
         assert "Traceback" not in (err.value.details() or "")
-    assert _state(server) == before
+    assert all_states(server) == before
     # ...and the server keeps serving.
     assert client.get_session("tiny", "victim").next_seq == 4
 

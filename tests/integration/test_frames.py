@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lstm_serve.client import Client, Connection, frame_request, session_steps, step_request
-from tests.helpers.server import OnePass, ServerThread, code_of, xs
+from tests.helpers.server import OnePass, ServerThread, code_of, session_state, xs
 
 ATOL = 1e-5
 
@@ -26,14 +26,6 @@ def server(tiny_repo: Path) -> Iterator[ServerThread]:
 def client(server: ServerThread) -> Iterator[Client]:
     with Client(server.target) as c:
         yield c
-
-
-def _state(srv: ServerThread, sid: str) -> tuple[int, bytes] | None:
-    lm = srv.engine.model("tiny")
-    slot = lm.store.slot(sid)
-    if slot is None:
-        return None
-    return int(lm.store.next_seq[slot]), lm.store.h[:, slot].tobytes()
 
 
 def test_frames_continue_like_one_pass(client: Client, oracle: OnePass) -> None:
@@ -57,7 +49,7 @@ def test_frame_length_mismatches_are_refused_and_change_nothing(
     server: ServerThread, client: Client
 ) -> None:
     client.step_frame("tiny", ["mm-0", "mm-1"], xs(1, 2).reshape(2, 1, 3))
-    before = [_state(server, s) for s in ("mm-0", "mm-1")]
+    before = [session_state(server, s) for s in ("mm-0", "mm-1")]
     good = frame_request("tiny", ["mm-0", "mm-1"], xs(2, 2).reshape(2, 1, 3))
     cases = {
         "frame.seqs": lambda r: r.frame.seqs.extend([1]),
@@ -78,25 +70,25 @@ def test_frame_length_mismatches_are_refused_and_change_nothing(
     both = step_request("tiny", [session_steps("mm-0", xs(3, 1))])
     both.frame.CopyFrom(good.frame)
     assert code_of(lambda: client.step(both)) is grpc.StatusCode.INVALID_ARGUMENT
-    assert [_state(server, s) for s in ("mm-0", "mm-1")] == before
+    assert [session_state(server, s) for s in ("mm-0", "mm-1")] == before
 
 
 def test_retried_frame_is_answered_again_not_applied(server: ServerThread, client: Client) -> None:
     ids = ["rt-0", "rt-1", "rt-2"]
     x = np.random.default_rng(3).normal(size=(3, 2, 3)).astype(np.float32)
     first = client.step_frame("tiny", ids, x, seqs=[0, 0, 0])
-    after = [_state(server, s) for s in ids]
+    after = [session_state(server, s) for s in ids]
     again = client.step_frame("tiny", ids, x, seqs=[0, 0, 0])
     assert again.replayed.all() and not first.replayed.any()
     np.testing.assert_array_equal(again.y, first.y)
     assert again.next_seq.tolist() == [2, 2, 2]
-    assert [_state(server, s) for s in ids] == after
+    assert [session_state(server, s) for s in ids] == after
     # The same seq with other data is not a retry: refused, nothing applied.
     with pytest.raises(grpc.RpcError) as err:
         client.step_frame("tiny", ids, x + 1, seqs=[0, 0, 0])
     assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "different inputs" in (err.value.details() or "")
-    assert [_state(server, s) for s in ids] == after
+    assert [session_state(server, s) for s in ids] == after
 
 
 def test_frame_mixing_new_replayed_and_reset_sessions(
@@ -119,7 +111,7 @@ def test_frame_mixing_new_replayed_and_reset_sessions(
         client.step_frame("tiny", ["mix-old", "mix-new"], x[:2], seqs=[2, 5])
     assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "expected seq 2" in (err.value.details() or "")
-    assert _state(server, "mix-old") is not None and _state(server, "mix-old")[0] == 2  # type: ignore[index]
+    assert session_state(server, "mix-old") is not None and session_state(server, "mix-old")[0] == 2  # type: ignore[index]
 
 
 def test_token_frame_and_top_k(client: Client, tok_oracle: OnePass) -> None:

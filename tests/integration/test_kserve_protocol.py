@@ -14,7 +14,7 @@ import pytest
 from lstm_serve.client import Client
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
-from tests.helpers.server import OnePass, ServerThread, code_of, inference_blocked, xs
+from tests.helpers.server import OnePass, ServerThread, all_states, code_of, inference_blocked, xs
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -73,17 +73,6 @@ def stub(server: ServerThread) -> Iterator[ipb_grpc.GRPCInferenceServiceStub]:
         yield ipb_grpc.GRPCInferenceServiceStub(ch)
 
 
-def _state(server: ServerThread) -> dict[str, tuple[int, bytes]]:
-    out = {}
-    for lm in server.engine.models.values():
-        for key, slot in lm.store.slots.items():
-            out[f"{lm.label}/{key}"] = (
-                int(lm.store.next_seq[slot]),
-                lm.store.h[:, slot].tobytes() + lm.store.c[:, slot].tobytes(),
-            )
-    return out
-
-
 def _bad() -> list[tuple[str, ipb.ModelInferRequest, str]]:
     one = xs(1, 2)
     cases = [
@@ -127,12 +116,12 @@ def test_bad_input_is_refused_and_changes_nothing(
         ("tinytok", np.array([[1, 2]]), "INT64"),
     ):
         stub.ModelInfer(infer(model, x, seq_id="victim", start=True, datatype=dt))
-    before = _state(server)
+    before = all_states(server)
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(req)
     assert info.value.code() == INVALID, info.value.details()
     assert text in (info.value.details() or "")
-    assert _state(server) == before
+    assert all_states(server) == before
 
 
 def test_one_core_under_both_protocols(
