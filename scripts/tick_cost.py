@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    mv = next(v for v in load_repository(ROOT / "models").all() if v.manifest.name == "forecaster")
+    mv = load_repository(ROOT / "models").get("forecaster")
     ort_runtime = ModelRuntime(mv, choose_device(Device.cpu))
     ort_runtime.warm_up()
     variants: dict[str, tuple[Runner, bool, bool]] = {
