@@ -247,3 +247,54 @@ def test_early_answers_lose_at_most_what_next_seq_says_when_a_replica_is_killed(
     assert retries > 0, "no call failed: the kill came too late"
     print(f"{retries} calls retried, {lost} steps answered early were lost and sent again")
     check(data, ys, redis_server, oracle)
+
+
+@pytest.mark.timeout(120)
+def test_more_streams_than_envoys_default_limits_all_get_answers(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    """1,100 streams open at once through Envoy to one replica: more than Envoy's default
+    circuit breaker (1,024 requests, which answered the rest 503) and more than the replica's
+    256 streams per connection (so Envoy must spread them over several connections)."""
+    n = 1100
+    replica = Replica(tiny_repo, "memory", tmp_path / "replica.log").wait_serving()
+    envoy = Envoy(tmp_path / "envoy").start([replica.port])
+
+    async def main() -> list[str]:
+        failures: list[str] = []
+        release = asyncio.Event()
+        opened = 0
+        async with grpc.aio.insecure_channel(envoy.target) as ch:
+            method = ch.stream_stream("/lstm_serve.v1.LstmServe/Stream")
+            from lstm_serve.server.pb import lstm_serve_pb2 as pb
+
+            async def one(k: int) -> None:
+                nonlocal opened
+                sid = f"wide-{k}"
+                req = pb.StepRequest(
+                    model=pb.ModelRef(name="tiny"),
+                    sessions=[pb.SessionSteps(session_id=sid, x=np.zeros(3, np.float32).tobytes())],
+                )
+                call = method(metadata=(("x-lstm-serve-route", sid),))
+                try:
+                    await call.write(req.SerializeToString())
+                    resp = pb.StepResponse.FromString(await call.read())
+                    assert resp.sessions[0].session_id == sid
+                    opened += 1
+                    if opened == n:
+                        release.set()
+                    await release.wait()  # every stream stays open until all have answers
+                    await call.done_writing()
+                except Exception as exc:  # collected and asserted below
+                    failures.append(f"{k}: {type(exc).__name__}: {exc}"[:300])
+                    release.set()
+
+            await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(n))), 90)
+        return failures
+
+    try:
+        failures = asyncio.run(main())
+    finally:
+        envoy.stop()
+        replica.terminate()
+    assert failures == [], f"{len(failures)} of {n} streams failed, first: {failures[:2]}"

@@ -58,7 +58,8 @@ def envoy_binary() -> str:
 
 
 class Envoy:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, concurrency: int = 1) -> None:
+        self.concurrency = concurrency  # Envoy's worker threads
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.eds_dir = directory / "eds"
@@ -96,7 +97,7 @@ class Envoy:
         log = (self.dir / "envoy.log").open("wb")
         self.proc = subprocess.Popen(
             [envoy_binary(), "-c", str(cfg), "--disable-hot-restart", "-l", "warning",
-             "--concurrency", "1"],
+             "--concurrency", str(self.concurrency)],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.wait_healthy(len(ports))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from lstm_serve.bench import report
-from lstm_serve.bench.loadgen import LOADS, QUICK_LOADS, split
+from lstm_serve.bench.loadgen import GPU_LOADS, LOADS, QUICK_LOADS, split
 from lstm_serve.cli.main import build_parser
 from tests.helpers.models import make_model_repo
 
@@ -87,3 +89,58 @@ def test_memory_alone_runs_no_server_load(tmp_path: Path) -> None:
     result = json.loads((out / "results.json").read_text())
     assert result["servers"] == {}
     assert [r["sessions"] for r in result["memory"]["rows"]] == [500]
+
+
+def _row(batch: int, binding: str, steps_per_s: float) -> dict[str, object]:
+    return {"batch": batch, "steps_per_call": 1, "binding": binding, "steps_per_s": steps_per_s}
+
+
+def test_gpu_targets_compare_gateway_frames_with_raw_ort_at_batch_1024() -> None:
+    """On CUDA the frame load is judged against raw ORT with host-bound IOBinding (what the
+    server's runtime does) and, separately, against GPU-resident inputs."""
+    load = {"steps": 1000, "steps_per_s": 300_000.0, "server_cpu_s_per_1k_steps": 0.01}
+    results = {
+        "meta": {"device": "cuda"},
+        "raw_ort": [_row(1024, "host", 1_000_000.0), _row(1024, "resident", 3_000_000.0)],
+        "servers": {"lstm-serve": {"loads": {"gateway1024": load}}},
+    }
+    by_name = {t["name"]: t for t in report.targets(results)}
+    host = by_name["gateway frames of 1024 sessions: lstm-serve / raw ORT at batch 1024 (cuda)"]
+    assert host["value"] == pytest.approx(0.3) and host["ok"] is False
+    resident = by_name[
+        "gateway frames of 1024 sessions: lstm-serve / raw ORT at batch 1024, GPU-resident"
+    ]
+    assert resident["value"] == pytest.approx(0.1)
+    # on the CPU the same load is judged against the plain run, and nothing is "resident"
+    results["meta"] = {"device": "cpu"}
+    results["raw_ort"] = [_row(1024, "cpu", 600_000.0)]
+    names = [t["name"] for t in report.targets(results)]
+    assert "gateway frames of 1024 sessions: lstm-serve / raw ORT at batch 1024 (cpu)" in names
+    assert not any("GPU-resident" in n for n in names)
+
+
+def test_gateway1024_runs_by_default_only_on_cuda() -> None:
+    assert "gateway1024" in GPU_LOADS and "gateway1024" not in QUICK_LOADS
+
+
+@pytest.mark.timeout(120)
+def test_cuda_without_a_usable_gpu_is_one_clear_error(tmp_path: Path) -> None:
+    from lstm_serve.core.runtime import Device, choose_device
+
+    try:
+        usable = choose_device(Device.auto).device == "cuda"
+    except RuntimeError:
+        usable = False
+    if usable:
+        pytest.skip("this machine has a usable GPU: the CUDA path runs instead")
+    make_model_repo(tmp_path / "repo", name="tiny", kind="real", input_dim=1, output_dim=1,
+                    hidden=8, layers=2)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "lstm_serve.cli.main", "bench", "--device", "cuda", "--quick",
+         "--only", "raw", "--no-plots", "--out", str(tmp_path / "out"),
+         "--model-repository", str(tmp_path / "repo"), "--model", "tiny"],
+        capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "device=cuda was asked for" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Any, cast
 
 from lstm_serve.bench.common import BenchModel, cpu_seconds, latency_summary, machine_busy_seconds
+from lstm_serve.client import ROUTE_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,11 @@ LOADS: tuple[Load, ...] = (
     Load("chunk32", 64, steps=32, group="chunked"),
     Load("gateway64", 4, sessions=64, group="gateway"),
     Load("gateway256", 4, sessions=256, group="gateway"),
+    Load("gateway1024", 4, sessions=1024, group="gateway"),
 )
 QUICK_LOADS = ("pingpong", "streams64", "gateway256")
+# Batches big enough to fill a GPU: run by default only with --device cuda.
+GPU_LOADS = ("gateway1024",)
 
 
 def split(n: int, parts: int) -> list[int]:
@@ -360,7 +364,9 @@ async def _run_load(conn: Connection, cmd: dict[str, Any]) -> dict[str, Any] | N
             _request(cmd, [f"{cmd['prefix']}-s{k}-{j}" for j in range(sessions)], steps)
             for k in range(n)
         ]
-        calls = [method() for _ in range(n)]
+        # The routing key a proxy hashes on (docs/operations.md): the session id, or for a
+        # frame the gateway id; each stream here is one gateway.
+        calls = [method(metadata=((ROUTE_HEADER, f"{cmd['prefix']}-s{k}"),)) for k in range(n)]
         try:
 
             async def first(call: Any, payload: bytes) -> None:
@@ -396,7 +402,12 @@ async def _run_load(conn: Connection, cmd: dict[str, Any]) -> dict[str, Any] | N
                         break
                 await call.done_writing()
             except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
+                # A failed write hides why the call ended: ask the call for its status.
+                status = ""
+                with contextlib.suppress(Exception):
+                    code = await asyncio.wait_for(call.code(), 1.0)
+                    status = f" (call ended {code}: {await call.details()})"
+                errors.append(f"{type(exc).__name__}: {exc}{status}")
                 call.cancel()
             return done
 

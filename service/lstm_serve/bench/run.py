@@ -58,7 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only", default=",".join(PARTS), help=f"comma-separated parts to run: {','.join(PARTS)}"
     )
-    parser.add_argument("--loads", default="", help="comma-separated load names (default: all)")
+    parser.add_argument(
+        "--loads", default="",
+        help="comma-separated load names (default: all but gateway1024, which runs by default "
+        "only with --device cuda)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="where raw ORT and lstm-serve run their model (default cpu; cuda needs "
+        "onnxruntime-gpu and a GPU, and binds inputs and outputs with IOBinding)",
+    )  # fmt: skip
     parser.add_argument(
         "--memory-sessions", default="",
         help="comma-separated idle session counts (default 10000,100000,1000000)",
@@ -92,7 +101,9 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _gpu_note() -> str:
+def _gpu_note(device: str = "cpu") -> str:
+    if device == "cuda":
+        return "CUDA execution provider with IOBinding: raw ORT and lstm-serve on the GPU"
     if shutil.which("nvidia-smi") is None:
         return "no GPU on this machine: CPU execution provider only; the CUDA path is not measured"
     return "a GPU may be present; this benchmark pins the CPU execution provider"
@@ -113,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lstm_serve.bench import memory, plots, raw, report
     from lstm_serve.bench.common import machine, make_workdir, mib, prepare_model
-    from lstm_serve.bench.loadgen import LOADS, QUICK_LOADS, LoadGen
+    from lstm_serve.bench.loadgen import GPU_LOADS, LOADS, QUICK_LOADS, LoadGen
     from lstm_serve.bench.servers import ServerProcess
 
     t_start = time.perf_counter()
@@ -132,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
     wanted = [x.strip() for x in args.loads.split(",") if x.strip()]
     if not wanted and quick:
         wanted = list(QUICK_LOADS)
-    loads = [ld for ld in LOADS if not wanted or ld.name in wanted]
+    if wanted:
+        loads = [ld for ld in LOADS if ld.name in wanted]
+    else:
+        loads = [ld for ld in LOADS if args.device == "cuda" or ld.name not in GPU_LOADS]
     if wanted and len(loads) != len(wanted):
         logger.error("unknown load(s); choose from %s", ", ".join(ld.name for ld in LOADS))
         return 2
@@ -151,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
                 "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "command": command,
                 "machine": info,
-                "gpu": _gpu_note(),
+                "gpu": _gpu_note(args.device),
+                "device": args.device,
                 "versions": _versions(),
                 "model": model.as_dict(),
                 "quick": quick,
@@ -172,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             f"from {model.source}",
             flush=True,
         )
-        print(f"  {_gpu_note()}", flush=True)
+        print(f"  {_gpu_note(args.device)}", flush=True)
         busy = _machine_busy(1.0)
         results["meta"]["busy_cores_before"] = busy
         if busy > 0.25:
@@ -186,10 +201,13 @@ def run(args: argparse.Namespace) -> int:
             print("(a) raw ONNX Runtime in process", flush=True)
             results["raw_ort"] = raw.measure(
                 model,
-                batches=(1, 64, 256) if quick else raw.BATCHES,
+                batches=((1, 64, 256, 1024) if args.device == "cuda" else (1, 64, 256))
+                if quick
+                else raw.BATCHES,
                 steps=(1,) if quick else raw.STEPS,
                 seconds=0.05 if quick else 0.6,
                 intra_op_threads=args.intra_op_threads,
+                device=args.device,
             )
         latencies: dict[str, dict[str, np.ndarray]] = {}
         servers = [s for s in ("echo", "naive", "lstm-serve") if s in parts]
@@ -202,7 +220,11 @@ def run(args: argparse.Namespace) -> int:
             for kind in servers:
                 settings: dict[str, Any] = {}
                 if kind == "lstm-serve":
-                    settings = {"metrics_port": 0, "intra_op_threads": args.intra_op_threads}
+                    settings = {
+                        "metrics_port": 0,
+                        "intra_op_threads": args.intra_op_threads,
+                        "device": args.device,
+                    }
                 procs[kind] = stack.enter_context(
                     ServerProcess(
                         kind, model, workdir / f"server-{kind}.log", settings,
