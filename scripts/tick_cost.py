@@ -9,6 +9,11 @@ and without encoding the response.
 
     .venv/bin/python scripts/tick_cost.py --sessions 1,8,32,128
 
+With --frame N it measures instead one columnar frame of N sessions per tick (a gateway's
+message): decoding the serialized request, the tick, and encoding the answer, in us per session.
+
+    .venv/bin/python scripts/tick_cost.py --frame 1024
+
 Not part of CI; docs/benchmarks.md quotes its output.
 """
 
@@ -71,9 +76,37 @@ async def per_request_us(
     return statistics.median(times[ticks // 5 :]) * 1e6 / n
 
 
+async def per_session_us_frame(
+    mv: ModelVersion, n: int, runtime: Runner, probes: Probes, ticks: int
+) -> float:
+    """One frame of n sessions per tick, from its bytes to the answer's bytes."""
+    from lstm_serve.client import frame_request
+
+    m = mv.manifest
+    store = SessionStore(max(4096, n), m.layers, m.hidden_size, m.output_dim)
+    sched = Scheduler(runtime, store, ReplayCache(1 << 26), probes, Limits(), "bench", token=False)
+    ids = [f"gateway-7/s{i}" for i in range(n)]
+    data = frame_request(
+        m.name, ids, np.full((n, 1, m.input_dim), 0.5, np.float32)
+    ).SerializeToString()
+    times = []
+    for _ in range(ticks):
+        t0 = time.perf_counter()
+        req = pb.StepRequest.FromString(data)
+        frame = convert.frame_of(req, m)
+        result = await sched.submit_step(frame, frame.ids, None)
+        convert.step_response(mv, result, "", 0, True).SerializeToString()
+        times.append(time.perf_counter() - t0)
+    sched.close()
+    return statistics.median(times[ticks // 5 :]) * 1e6 / n
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", default="1,8,32,128", help="requests per tick")
+    ap.add_argument(
+        "--frame", type=int, default=0, help="instead: one frame of this many sessions per tick"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ticks", type=int, default=300)
     return ap
@@ -90,6 +123,20 @@ def main() -> None:
         "no ONNX Runtime": (Idle(mv.manifest.output_dim), True, True),
         "no encoding": (ort_runtime, True, False),
     }
+    if args.frame:
+        best = dict.fromkeys(variants, float("inf"))
+        for _ in range(args.rounds):
+            for name, (runtime, metrics, _encode) in variants.items():
+                if name == "no encoding":
+                    continue
+                probes = Metrics.create().probes("bench") if metrics else no_probes()
+                us = asyncio.run(per_session_us_frame(mv, args.frame, runtime, probes, args.ticks))
+                best[name] = min(best[name], us)
+        print(f"us per session, one frame of {args.frame} sessions per tick (best of rounds)")
+        for name, us in best.items():
+            if name != "no encoding":
+                print(f"  {name:<18} {us:8.2f}")
+        return
     print("us per request (event loop, in process, best of rounds)")
     print(f"{'requests/tick':>14}" + "".join(f"{v:>18}" for v in variants))
     for n in (int(s) for s in args.sessions.split(",")):
