@@ -49,6 +49,8 @@ class EngineSettings(Protocol):
     @property
     def inline_max_steps(self) -> int: ...
     @property
+    def cuda_cpu_max_steps(self) -> int: ...
+    @property
     def inference_stall_s(self) -> float: ...
     @property
     def max_batches_in_flight(self) -> int: ...
@@ -149,7 +151,9 @@ class Engine:
         for mv in self.repository.all():
             m = mv.manifest
             label = f"{m.name}:{m.version}"
-            runtime = await asyncio.to_thread(ModelRuntime, mv, choice, s.intra_op_threads)
+            runtime = await asyncio.to_thread(
+                ModelRuntime, mv, choice, s.intra_op_threads, s.cuda_cpu_max_steps
+            )
             await asyncio.to_thread(runtime.warm_up)
             store = SessionStore(s.max_sessions, m.layers, m.hidden_size, m.output_dim)
             probes = self._probes(label)

@@ -80,9 +80,21 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
 
 
 class ModelRuntime:
-    """Runs one model version: run(x, h0, c0) -> (y, hn, cn) with the graph contract in docs/architecture.md."""
+    """Runs one model version: run(x, h0, c0) -> (y, hn, cn) with the graph contract in docs/architecture.md.
 
-    def __init__(self, mv: ModelVersion, choice: DeviceChoice, intra_op_threads: int = 1) -> None:
+    On CUDA, batches of at most `cpu_max_steps` session-steps run on a CPU session instead:
+    for them the GPU's copies and kernel launches cost more than the CPU's arithmetic
+    (docs/benchmarks.md, "The CUDA path"), so one-step streams keep CPU latency while gateway
+    frames get the GPU. Both sessions run the same graph in float32.
+    """
+
+    def __init__(
+        self,
+        mv: ModelVersion,
+        choice: DeviceChoice,
+        intra_op_threads: int = 1,
+        cpu_max_steps: int = 0,
+    ) -> None:
         self.mv = mv
         m = mv.manifest
         self.names = m.tensors
@@ -93,13 +105,29 @@ class ModelRuntime:
         self.device = "cuda" if active and active[0] == CUDA else "cpu"
         if choice.device == "cuda" and self.device != "cuda":
             logger.warning("%s: CUDA provider did not load; running on the CPU", m.name)
+        self.cpu_max_steps = cpu_max_steps if self.device == "cuda" else 0
+        self.cpu_session: ort.InferenceSession | None = None
+        if self.cpu_max_steps > 0:
+            self.cpu_session = ort.InferenceSession(
+                str(mv.onnx_path), session_options(intra_op_threads), providers=[CPU]
+            )
+            logger.info(
+                "%s: batches of up to %d steps run on the CPU, larger ones on CUDA",
+                m.name, self.cpu_max_steps,
+            )  # fmt: skip
         self.x_dtype = np.int64 if m.kind is Kind.token else np.float32
         self._out_names = [self.names.y, self.names.hn, self.names.cn]
+        self.calls = {"cpu": 0, "cuda": 0}  # inference calls per device, for tests and logs
 
     def run(
         self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feeds: dict[str, Any] = {self.names.x: x, self.names.h0: h0, self.names.c0: c0}
+        if self.cpu_session is not None and x.shape[0] * x.shape[1] <= self.cpu_max_steps:
+            self.calls["cpu"] += 1
+            y, hn, cn = self.cpu_session.run(self._out_names, feeds)
+            return y, hn, cn
+        self.calls[self.device] += 1
         if self.device == "cuda":
             # IOBinding: one host-to-device copy per input, outputs copied back once.
             binding = self.session.io_binding()
@@ -114,8 +142,11 @@ class ModelRuntime:
         return y, hn, cn
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
-        """Run once per batch size so the first requests don't pay for lazy initialisation."""
+        """Run once per batch size so the first requests don't pay for lazy initialisation
+        (with a CPU session for small batches, once more with a batch that reaches the GPU)."""
         m = self.mv.manifest
+        if self.cpu_session is not None:
+            batch_sizes = (*batch_sizes, self.cpu_max_steps + 1)
         for b in batch_sizes:
             x = (
                 np.zeros((b, 1), np.int64)

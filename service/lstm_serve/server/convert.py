@@ -110,7 +110,7 @@ def answer_bytes(frame: F.Frame, m: Manifest, top_k: int) -> int:
     per_step = (
         10 * min(top_k, m.output_dim) + 4 if m.kind is Kind.token and top_k else 4 * m.output_dim
     )
-    ids = sum(len(s) for s in frame.ids)
+    ids = sum(map(len, frame.ids))
     return steps * per_step + ids + 48 * len(frame.ids) + 256
 
 

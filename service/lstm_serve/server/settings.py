@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Batches of up to this many session-steps run ONNX Runtime on the event loop (no thread hop; the loop waits for it); larger ones in a thread (0: always a thread). Chosen with scripts/inline_threshold.py.",
     )
+    cuda_cpu_max_steps: int = Field(
+        128,
+        ge=0,
+        description="On CUDA, batches of up to this many session-steps run on a CPU session instead: for them the GPU's copies and launches cost more than the CPU's arithmetic (one-step latency stays the CPU's). 0: every batch on the GPU. Ignored on the CPU.",
+    )
     max_batches_in_flight: int = Field(
         2,
         ge=1,
