@@ -44,19 +44,10 @@ def _caller(sess: Any, feeds: dict[str, np.ndarray], out_names: list[str], mode:
     """One inference call as a closure: plain run on the CPU, IOBinding on CUDA."""
     if mode == "cpu":
         return lambda: sess.run(out_names, feeds)
-    if mode == "host":
+    if mode == "host":  # what lstm-serve's runtime does per batch
+        from lstm_serve.core.runtime import run_bound
 
-        def host() -> None:
-            # what lstm-serve's runtime does per batch: bind host inputs, copy outputs back
-            b = sess.io_binding()
-            for name, value in feeds.items():
-                b.bind_cpu_input(name, value)
-            for name in out_names:
-                b.bind_output(name, "cpu")
-            sess.run_with_iobinding(b)
-            b.copy_outputs_to_cpu()
-
-        return host
+        return lambda: run_bound(sess, feeds, out_names)
     import onnxruntime as ort
 
     binding = sess.io_binding()
