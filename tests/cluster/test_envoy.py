@@ -14,7 +14,8 @@ import grpc
 import numpy as np
 import pytest
 
-from lstm_serve.client import AsyncClient
+from lstm_serve.client import ROUTE_HEADER, AsyncClient
+from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from tests.cluster.conftest import Oracle
 from tests.cluster.test_store import ATOL, stored
 from tests.helpers.envoy import Envoy
@@ -266,7 +267,6 @@ def test_more_streams_than_envoys_default_limits_all_get_answers(
         opened = 0
         async with grpc.aio.insecure_channel(envoy.target) as ch:
             method = ch.stream_stream("/lstm_serve.v1.LstmServe/Stream")
-            from lstm_serve.server.pb import lstm_serve_pb2 as pb
 
             async def one(k: int) -> None:
                 nonlocal opened
@@ -275,7 +275,7 @@ def test_more_streams_than_envoys_default_limits_all_get_answers(
                     model=pb.ModelRef(name="tiny"),
                     sessions=[pb.SessionSteps(session_id=sid, x=np.zeros(3, np.float32).tobytes())],
                 )
-                call = method(metadata=(("x-lstm-serve-route", sid),))
+                call = method(metadata=((ROUTE_HEADER, sid),))
                 try:
                     await call.write(req.SerializeToString())
                     resp = pb.StepResponse.FromString(await call.read())
