@@ -49,13 +49,26 @@ class Frame:
         return len(self.blocks) == 1
 
 
+def _constant(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+# The columns of a streamed single session, shared by all such frames (nothing writes a
+# frame's columns; read-only makes sure): three fewer arrays made per request.
+_APPEND1 = _constant(np.array([APPEND], np.int64))
+_NO_RESET1 = _constant(np.zeros(1, bool))
+_RESET1 = _constant(np.ones(1, bool))
+_ROW0 = _constant(np.zeros(1, np.int64))
+
+
 def single(session_id: str, x: np.ndarray, seq: int | None = None, reset: bool = False) -> Frame:
     """A frame of one session: x is [steps, input_dim] (or [steps] token ids)."""
     return Frame(
         [session_id],
-        np.array([APPEND if seq is None else seq], np.int64),
-        np.array([reset]),
-        [Block(np.zeros(1, np.int64), x[None])],
+        _APPEND1 if seq is None or seq == APPEND else np.array([seq], np.int64),
+        _RESET1 if reset else _NO_RESET1,
+        [Block(_ROW0, x[None])],
     )
 
 

@@ -7,9 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 
 class Observer(Protocol):
     def observe(self, amount: float) -> None: ...
+
+
+class ManyObserver(Observer, Protocol):
+    """An observer that also takes a tick's observations at once (the per-request ones)."""
+
+    def observe_many(self, amounts: np.ndarray) -> None: ...
 
 
 class Incrementer(Protocol):
@@ -22,8 +30,8 @@ class Setter(Protocol):
 
 @dataclass(frozen=True)
 class Probes:
-    step_latency: Observer
-    queue_seconds: Observer
+    step_latency: ManyObserver
+    queue_seconds: ManyObserver
     inference_seconds: Observer
     batch_size: Observer
     steps: Incrementer
@@ -44,6 +52,9 @@ class Probes:
 
 class _Nothing:
     def observe(self, amount: float) -> None:
+        pass
+
+    def observe_many(self, amounts: np.ndarray) -> None:
         pass
 
     def inc(self, amount: float = 1) -> None:

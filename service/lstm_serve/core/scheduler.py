@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]
+# The replayed column of every applied one-session answer (read-only: shared).
+_NOT_REPLAYED1 = np.zeros(1, bool)
+_NOT_REPLAYED1.flags.writeable = False
 
 
 class Runner(Protocol):
@@ -131,6 +134,8 @@ class _Tick:
     digests: np.ndarray
     created: np.ndarray  # rows whose session this tick created
     parts: list[_Part]
+    owner: np.ndarray | None  # int64 [rows]: the job of each row (None: one job)
+    reset: np.ndarray  # bool [rows]
 
 
 class Scheduler:
@@ -199,7 +204,12 @@ class Scheduler:
     def submit_step(
         self, frame: Frame, keys: list[str], deadline: float | None
     ) -> asyncio.Future[StepResult]:
-        steps = sum(b.x.shape[0] * b.x.shape[1] for b in frame.blocks)
+        blocks = frame.blocks
+        if len(blocks) == 1:
+            shape = blocks[0].x.shape
+            steps = shape[0] * shape[1]
+        else:
+            steps = sum(b.x.shape[0] * b.x.shape[1] for b in blocks)
         fut: asyncio.Future[StepResult] = self.loop.create_future()
         self._enqueue(StepJob(frame, keys, fut, deadline, time.perf_counter(), len(keys), steps))
         return fut
@@ -321,7 +331,6 @@ class Scheduler:
                 )
                 continue
             if isinstance(job, StepJob):
-                self.probes.queue_seconds.observe(t_admit - job.t0)
                 jobs.append(job)
                 rows += job.rows
                 full = rows >= self.limits.max_batch
@@ -330,6 +339,9 @@ class Scheduler:
             else:
                 self._start_rollout(job)
         self.pending = keep
+        if jobs:
+            t0s = np.fromiter((j.t0 for j in jobs), np.float64, len(jobs))
+            self.probes.queue_seconds.observe_many(t_admit - t0s)
         for r in list(self.rollouts):
             if r.deadline is not None and now >= r.deadline:
                 self.rollouts.remove(r)
@@ -474,13 +486,23 @@ class Scheduler:
             blocks = [(b.rows, b.x) for b in f.blocks]
             offsets = np.zeros(1, np.int64)
         else:
-            keys = [k for j in jobs for k in j.keys]
             seq = np.concatenate([j.frame.seq for j in jobs])
             reset = np.concatenate([j.frame.reset for j in jobs])
             counts = np.fromiter((j.rows for j in jobs), np.int64, n_jobs)
-            offsets = np.zeros(n_jobs, np.int64)
-            np.cumsum(counts[:-1], out=offsets[1:])
-            blocks = [(b.rows + off, b.x) for j, off in zip(jobs, offsets.tolist(), strict=True) for b in j.frame.blocks]  # fmt: skip
+            if len(seq) == n_jobs:  # streamed sessions: one row (and one block) per job
+                keys = [j.keys[0] for j in jobs]
+                offsets = np.arange(n_jobs, dtype=np.int64)
+                xs = [j.frame.blocks[0].x for j in jobs]
+                t0 = xs[0].shape[1]
+                if all(x.shape[1] == t0 for x in xs):
+                    blocks = [(offsets, np.concatenate(xs))]
+                else:
+                    blocks = [(offsets[i : i + 1], x) for i, x in enumerate(xs)]
+            else:
+                keys = [k for j in jobs for k in j.keys]
+                offsets = np.zeros(n_jobs, np.int64)
+                np.cumsum(counts[:-1], out=offsets[1:])
+                blocks = [(b.rows + off, b.x) for j, off in zip(jobs, offsets.tolist(), strict=True) for b in j.frame.blocks]  # fmt: skip
         n = len(keys)
         steps = np.empty(n, np.int64)
         digests = np.empty(n, np.uint64)
@@ -501,7 +523,9 @@ class Scheduler:
             groups[t] = (rows_, x)
         slots = store.lookup(keys)
         plan = P.plan_rows(store, slots, seq, reset, steps, digests)
-        owner = np.repeat(np.arange(n_jobs), [j.rows for j in jobs]) if n_jobs > 1 else None
+        owner = None
+        if n_jobs > 1:
+            owner = offsets if n == n_jobs else np.repeat(np.arange(n_jobs), counts)
         ok = np.ones(n_jobs, bool)
         action = plan.action
         bad = (action == P.GAP) | (action == P.NOT_FOUND) | (action == P.MISMATCH)
@@ -583,7 +607,7 @@ class Scheduler:
                     )
                 )
         created_rows = np.concatenate(created) if created else np.empty(0, np.int64)
-        return _Tick(jobs, offsets, plan, ok, keys, digests, created_rows, parts)
+        return _Tick(jobs, offsets, plan, ok, keys, digests, created_rows, parts, owner, reset)
 
     def _run_parts(self, parts: list[_Part]) -> list[Outputs | BaseException]:
         """Run every part (in the executor or inline): outputs, or the exception it raised."""
@@ -636,8 +660,7 @@ class Scheduler:
     def _commit(self, tick: _Tick, results: list[Outputs | BaseException]) -> None:
         store, plan, jobs = self.store, tick.plan, tick.jobs
         n = len(tick.keys)
-        n_jobs = len(jobs)
-        owner = np.repeat(np.arange(n_jobs), [j.rows for j in jobs]) if n_jobs > 1 else None
+        owner = tick.owner
         ok = tick.ok
         # A job fails whole when any of its parts failed: nothing of it is committed.
         row_part = np.full(n, -1, np.int64)
@@ -732,7 +755,9 @@ class Scheduler:
         if len(tick.parts) != 1 or not runs.all() or len(tick.parts[0].rows) != len(runs):
             return False
         res = results[0]
-        if isinstance(res, BaseException) or not all(j.frame.uniform for j in tick.jobs):
+        jobs = tick.jobs
+        singles = len(jobs) == len(runs)  # one row per job: uniform by construction
+        if isinstance(res, BaseException) or not (singles or all(j.frame.uniform for j in jobs)):
             return False
         store, plan = self.store, tick.plan
         n = len(runs)
@@ -740,33 +765,34 @@ class Scheduler:
         slots = plan.slots
         base = plan.base
         next_seq = base + y.shape[1]
-        reset = (
-            np.concatenate([j.frame.reset for j in tick.jobs])
-            if len(tick.jobs) > 1
-            else tick.jobs[0].frame.reset
-        )
         entry = ReplayEntry(
-            y, base, store.gen[slots], reset, next_seq, store.replay[slots],
+            y, base, store.gen[slots], tick.reset, next_seq, store.replay[slots],
             store.replay_row[slots], tick.digests,
         )  # fmt: skip
         if self.replay.add(entry):
             store.replay[slots] = entry
             store.replay_row[slots] = np.arange(n)
         store.touch(tick.keys, slots, now)
-        replayed = np.zeros(n, bool)
-        observe = self.probes.step_latency.observe
-        counter = self.probes.requests("Step", "OK")
-        for job, off in zip(tick.jobs, tick.offsets.tolist(), strict=True):
-            end = off + job.rows
-            if not job.future.done():
-                job.future.set_result(
-                    StepResult(
-                        job.frame.ids, base[off:end], next_seq[off:end], replayed[off:end],
-                        y[off:end],
-                    )
-                )  # fmt: skip
-            observe(t_end - job.t0)
-            counter.inc()
+        if singles:
+            # One-row views made in C (list() of a reshape) cost less than four slices a job.
+            views = list(base[:, None]), list(next_seq[:, None]), list(y[:, None])
+            for job, b, ns, yj in zip(jobs, *views, strict=True):
+                if not job.future.done():
+                    job.future.set_result(StepResult(job.frame.ids, b, ns, _NOT_REPLAYED1, yj))
+        else:
+            replayed = np.zeros(n, bool)
+            for job, off in zip(jobs, tick.offsets.tolist(), strict=True):
+                end = off + job.rows
+                if not job.future.done():
+                    job.future.set_result(
+                        StepResult(
+                            job.frame.ids, base[off:end], next_seq[off:end], replayed[off:end],
+                            y[off:end],
+                        )
+                    )  # fmt: skip
+        t0s = np.fromiter((j.t0 for j in jobs), np.float64, len(jobs))
+        self.probes.step_latency.observe_many(t_end - t0s)
+        self.probes.requests("Step", "OK").inc(len(jobs))
         return True
 
     def _answer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -33,14 +34,16 @@ def _session_x(s: pb.SessionSteps, m: Manifest) -> np.ndarray:
         return np.asarray(s.tokens, np.int64)
     if len(s.tokens):
         raise InvalidArgument(f"session {sid!r}: model {m.name!r} takes x, not tokens")
-    if not s.x:
+    data = s.x  # each read of a bytes field copies it: once
+    if not data:
         raise InvalidArgument(f"session {sid!r}: no steps (x is empty)")
-    x = floats_from_bytes(s.x, f"session {sid!r}: x")
-    if x.size % m.input_dim:
+    dim = m.input_dim
+    if len(data) % (4 * dim):
+        floats_from_bytes(data, f"session {sid!r}: x")  # names a partial float first
         raise InvalidArgument(
-            f"session {sid!r}: x has {x.size} values, not a multiple of input_dim {m.input_dim}"
+            f"session {sid!r}: x has {len(data) // 4} values, not a multiple of input_dim {dim}"
         )
-    return x.reshape(-1, m.input_dim)
+    return np.frombuffer(data, F32).reshape(-1, dim)
 
 
 def _seq(s: pb.SessionSteps) -> int:
@@ -106,16 +109,27 @@ def _columnar(fr: pb.Frame, m: Manifest) -> F.Frame:
 
 def answer_bytes(frame: F.Frame, m: Manifest, top_k: int) -> int:
     """An upper bound of the encoded answer's size, known before anything runs."""
-    steps = sum(int(b.x.shape[0] * b.x.shape[1]) for b in frame.blocks)
+    blocks, ids = frame.blocks, frame.ids
+    if len(blocks) == 1:  # the common case, without a generator
+        shape = blocks[0].x.shape
+        steps = int(shape[0] * shape[1])
+    else:
+        steps = sum(int(b.x.shape[0] * b.x.shape[1]) for b in blocks)
     per_step = (
         10 * min(top_k, m.output_dim) + 4 if m.kind is Kind.token and top_k else 4 * m.output_dim
     )
-    ids = sum(map(len, frame.ids))
-    return steps * per_step + ids + 48 * len(frame.ids) + 256
+    id_bytes = len(ids[0]) if len(ids) == 1 else sum(map(len, ids))
+    return steps * per_step + id_bytes + 48 * len(ids) + 256
 
 
 def model_ref(mv: ModelVersion) -> pb.ModelRef:
-    return pb.ModelRef(name=mv.manifest.name, version=mv.manifest.version)
+    return _model_ref(mv.manifest.name, mv.manifest.version)
+
+
+@functools.lru_cache(maxsize=256)
+def _model_ref(name: str, version: str) -> pb.ModelRef:
+    # One per model version: a message field set from it gets a copy, so sharing it is safe.
+    return pb.ModelRef(name=name, version=version)
 
 
 def _top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +167,13 @@ def step_response(
             out.y = y.astype(F32, copy=False).tobytes()
         return resp
     seq, nxt, rep = r.seq.tolist(), r.next_seq.tolist(), r.replayed.tolist()
+    if len(seq) == 1 and not (token and k > 0):  # a streamed session: one add, no loop
+        yi = r.y[0]
+        resp.sessions.add(
+            session_id=r.ids[0], seq=seq[0], next_seq=nxt[0], steps=yi.shape[0],
+            replayed=rep[0], y=yi.astype(F32, copy=False).tobytes(),
+        )  # fmt: skip
+        return resp
     for i, sid in enumerate(r.ids):
         yi = r.y[i]
         o = resp.sessions.add(

@@ -160,10 +160,10 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
                     ),
                 )
 
-        def cancel(p: Pending) -> None:
-            p[2].cancel()
+        def future_of(p: Pending) -> asyncio.Future[StepResult]:
+            return p[2]
 
-        answers = pipeline(request_iterator, submit, answer, cancel, self.window)
+        answers = pipeline(request_iterator, submit, answer, future_of, self.window)
         async with contextlib.aclosing(answers):  # a client gone: its reader stops now
             async for resp in answers:
                 yield resp

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import start_http_server
 
-from lstm_serve.core.probes import Incrementer, Probes
+from lstm_serve.core.probes import Incrementer, ManyObserver, Probes
 
 # Seconds: 50 us .. 10 s, dense where a step on a CPU lands.
 LATENCY_BUCKETS = (
@@ -16,6 +17,32 @@ LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class ManyHistogram:
+    """A Histogram child that also takes many observations in one call, as a tick has one per
+    request: one increment per bucket hit instead of a Python loop over the buckets for each
+    (observe costs about 2 us, a tenth of a streamed request's scheduling). It adds to the
+    child's own bucket and sum values, so the exposition is prometheus-client's;
+    tests/unit/test_metrics.py checks it against observe()."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum", "observe")
+
+    def __init__(self, child: Histogram) -> None:
+        self.observe = child.observe
+        self._buckets = child._buckets  # one value per bucket, not cumulative; +Inf last
+        self._sum = child._sum
+        self._bounds = np.asarray(child._upper_bounds[:-1], np.float64)
+
+    def observe_many(self, amounts: np.ndarray) -> None:
+        if len(amounts) == 1:
+            self.observe(float(amounts[0]))
+            return
+        # observe() counts an amount in the first bucket whose bound is >= it.
+        hits = np.bincount(np.searchsorted(self._bounds, amounts), minlength=len(self._buckets))
+        for i in np.flatnonzero(hits).tolist():
+            self._buckets[i].inc(int(hits[i]))
+        self._sum.inc(float(amounts.sum()))
 
 
 @dataclass(frozen=True)
@@ -53,11 +80,18 @@ class Metrics:
             child = self._children[key] = self.requests.labels(label, method, code)
         return child  # type: ignore[no-any-return]
 
+    def _many(self, histogram: Histogram, label: str) -> ManyObserver:
+        key = (histogram._name, label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = ManyHistogram(histogram.labels(label))
+        return child  # type: ignore[no-any-return]
+
     def probes(self, label: str) -> Probes:
         """The children of one model's series, for its scheduler."""
         return Probes(
-            step_latency=self.step_latency.labels(label),
-            queue_seconds=self.queue_seconds.labels(label),
+            step_latency=self._many(self.step_latency, label),
+            queue_seconds=self._many(self.queue_seconds, label),
             inference_seconds=self.inference_seconds.labels(label),
             batch_size=self.batch_size.labels(label),
             steps=self.steps.labels(label),
