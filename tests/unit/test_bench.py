@@ -144,3 +144,28 @@ def test_cuda_without_a_usable_gpu_is_one_clear_error(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "device=cuda was asked for" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_lstm_serve_echo_answers_without_the_engine(tmp_path: Path) -> None:
+    """lstm-serve-echo is lstm-serve's own server answering as echo does: every message is
+    answered and counted by the server's interceptors, and the engine runs nothing."""
+    make_model_repo(tmp_path / "repo", name="tiny", kind="real", input_dim=1, output_dim=1,
+                    hidden=8, layers=2)  # fmt: skip
+    out = tmp_path / "out"
+    args = build_parser().parse_args(
+        [
+            "bench", "--only", "lstm-serve-echo", "--loads", "streams64", "--no-plots",
+            "--out", str(out), "--model-repository", str(tmp_path / "repo"), "--model", "tiny",
+            "--duration", "0.3", "--warmup", "0.1",
+        ]
+    )  # fmt: skip
+    from lstm_serve.bench.run import run
+
+    assert run(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["servers"]) == {"lstm-serve-echo"}
+    r = result["servers"]["lstm-serve-echo"]["loads"]["streams64"]
+    assert r["errors"] == [] and r["messages"] > 0
+    assert r["batcher"]["inference_calls"] == 0
+    assert "| lstm-serve-echo |" in (out / "results.md").read_text()

@@ -7,7 +7,7 @@ from typing import Any
 
 from lstm_serve.bench.common import mib
 
-SERVERS = ("echo", "naive", "lstm-serve")
+SERVERS = ("echo", "naive", "lstm-serve", "lstm-serve-echo")
 
 
 def _load(results: dict[str, Any], server: str, load: str) -> dict[str, Any] | None:

@@ -22,7 +22,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("docs/bench/results.json")
-PARTS = ("raw", "echo", "naive", "lstm-serve", "memory")
+PARTS = ("raw", "echo", "naive", "lstm-serve", "lstm-serve-echo", "memory")
+# Run by default; lstm-serve-echo (lstm-serve's server answering as echo) only when named.
+DEFAULT_PARTS = ("raw", "echo", "naive", "lstm-serve", "memory")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 2; --quick 1)",
     )  # fmt: skip
     parser.add_argument(
-        "--only", default=",".join(PARTS), help=f"comma-separated parts to run: {','.join(PARTS)}"
+        "--only",
+        default=",".join(DEFAULT_PARTS),
+        help=f"comma-separated parts to run: {','.join(PARTS)} (default: all but lstm-serve-echo)",
     )
     parser.add_argument(
         "--loads", default="",
@@ -210,8 +214,8 @@ def run(args: argparse.Namespace) -> int:
                 device=args.device,
             )
         latencies: dict[str, dict[str, np.ndarray]] = {}
-        servers = [s for s in ("echo", "naive", "lstm-serve") if s in parts]
-        letters = {"echo": "(b)", "naive": "(c)", "lstm-serve": "(d)"}
+        servers = [s for s in ("echo", "naive", "lstm-serve", "lstm-serve-echo") if s in parts]
+        letters = {"echo": "(b)", "naive": "(c)", "lstm-serve": "(d)", "lstm-serve-echo": "(e)"}
         with LoadGen(args.workers) as lg, contextlib.ExitStack() as stack:
             # Every server runs for the whole benchmark (an idle one costs no CPU), and each load
             # runs against them back to back, so a change in the machine's other load hits
@@ -219,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             procs: dict[str, ServerProcess] = {}
             for kind in servers:
                 settings: dict[str, Any] = {}
-                if kind == "lstm-serve":
+                if kind in ("lstm-serve", "lstm-serve-echo"):
                     settings = {
                         "metrics_port": 0,
                         "intra_op_threads": args.intra_op_threads,
@@ -316,7 +320,7 @@ def _progress(r: dict[str, Any]) -> str:
         f" loadgen CPU {r['loadgen_cpu_util']:.2f} others {r['other_cpu_util']:.2f}"
     )
     b = r["batcher"]
-    if b:
+    if b and b["inference_calls"]:  # lstm-serve-echo has the metrics but runs no inference
         line += (
             f"  batch {b['mean_batch']:.1f} infer {b['mean_inference_ms']:.2f} ms"
             f" queue {b['mean_queue_ms']:.2f} ms engine {b['mean_engine_ms']:.2f} ms"

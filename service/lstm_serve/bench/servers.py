@@ -1,6 +1,6 @@
 """Each benchmarked server runs in a subprocess of its own, so its CPU time and RSS are its own.
 
-Child: `python -m lstm_serve.bench.servers {echo,naive,lstm-serve} --repository DIR --model NAME
+Child: `python -m lstm_serve.bench.servers {echo,naive,lstm-serve,lstm-serve-echo} --repository DIR --model NAME
 [--settings JSON]` prints one line `READY {"port": ..., "metrics_port": ...}`, then answers
 `stats` lines on stdin with one JSON line, and stops on `quit` or end of input.
 Parent: ServerProcess starts one, reads its /proc figures and stops it.
@@ -34,7 +34,9 @@ from lstm_serve.bench.common import (
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("echo", "naive", "lstm-serve")
+# lstm-serve-echo: lstm-serve's own server (interceptors, connection options, health,
+# reflection, metrics) with echo's answers instead of the engine: what the server costs.
+KINDS = ("echo", "naive", "lstm-serve", "lstm-serve-echo")
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
@@ -204,7 +206,8 @@ async def _serve(args: argparse.Namespace) -> None:
     drop_fn: Any = None
     stop_fn: Any = None
     metrics_port = -1
-    if args.kind == "lstm-serve":
+    if args.kind in ("lstm-serve", "lstm-serve-echo"):
+        from lstm_serve.bench.echo import EchoServicer
         from lstm_serve.core.replay import ReplayCache
         from lstm_serve.server.app import LstmServer
         from lstm_serve.server.settings import Settings
@@ -214,7 +217,10 @@ async def _serve(args: argparse.Namespace) -> None:
         }  # fmt: skip
         given |= json.loads(args.settings)
         given["model_repository"] = Path(args.repository)
-        lstm = LstmServer(Settings(**given))
+        echo = None
+        if args.kind == "lstm-serve-echo":
+            echo = EchoServicer(mv.manifest.input_dim, mv.manifest.output_dim)
+        lstm = LstmServer(Settings(**given), lstm_servicer=echo)
         await lstm.start()
         port, metrics_port = lstm.port, lstm.metrics_port
 

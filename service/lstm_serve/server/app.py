@@ -68,8 +68,16 @@ def connection_options(s: Settings) -> list[tuple[str, int]]:
 class LstmServer:
     """One lstm-serve process: start(), then stop() (graceful) or wait()."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        lstm_servicer: pb_grpc.LstmServeServicer | None = None,
+    ) -> None:
         self.settings = settings
+        # lstm_serve.v1 is answered by LstmServeServicer unless one is given (the benchmark's
+        # lstm-serve-echo gives its echo, to measure the server without the engine).
+        self._lstm_servicer = lstm_servicer
         self.metrics = Metrics.create(registry)
         self.engine: Engine | None = None
         self.server: grpc.aio.Server | None = None
@@ -105,7 +113,9 @@ class LstmServer:
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_LstmServeServicer_to_server(
-            LstmServeServicer(self.engine, s.max_inflight_per_stream, s.max_message_bytes), server
+            self._lstm_servicer
+            or LstmServeServicer(self.engine, s.max_inflight_per_stream, s.max_message_bytes),
+            server,
         )
         # The Open Inference Protocol on the same port, onto the same engine.
         ipb_grpc.add_GRPCInferenceServiceServicer_to_server(
