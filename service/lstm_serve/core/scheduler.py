@@ -460,14 +460,14 @@ class Scheduler:
         seqs = np.array([base], np.int64)
         entry = ReplayEntry(
             y, seqs, store.gen[slots], frame.reset, nxt, store.replay[slots],
-            np.zeros(1, np.int64) + store.replay_row[slot], digests,
+            store.replay_row[slots], digests,
         )  # fmt: skip
         if self.replay.add(entry):
             store.replay[slot] = entry
             store.replay_row[slot] = 0
         store.touch(job.keys, slots, now)
         if not job.future.done():
-            job.future.set_result(StepResult(frame.ids, seqs, nxt, np.zeros(1, bool), y))
+            job.future.set_result(StepResult(frame.ids, seqs, nxt, _NOT_REPLAYED1, y))
         self.probes.step_latency.observe(time.perf_counter() - job.t0)
         self._count(job.method, "OK")
         return True
