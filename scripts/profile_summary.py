@@ -76,7 +76,7 @@ def main() -> None:
     for load in args.loads.split(","):
         print(f"\n{load}: event-loop CPU per message, us (share of the loop's busy samples)")
         print(f"  {'server':<11}{'total':>8}  " + "  ".join(f"{n:>24}" for n in names))
-        for server in ("echo", "naive", "lstm-serve"):
+        for server in ("echo", "naive", "lstm-serve", "lstm-serve-echo"):
             prof = args.dir / f"{server}-{load}.speedscope.json"
             r = results.get(server, {}).get("loads", {}).get(load)
             if not prof.exists() or r is None:
