@@ -67,7 +67,7 @@ class Metrics:
     grpc_handling: Histogram
     grpc_msg_received: Counter
     grpc_msg_sent: Counter
-    _children: dict[tuple[str, ...], Any] = field(default_factory=dict, compare=False)
+    _children: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False)
 
     def count_request(self, label: str, method: str, code: str) -> None:
         self._request(label, method, code).inc()
@@ -81,7 +81,7 @@ class Metrics:
         return child  # type: ignore[no-any-return]
 
     def _many(self, histogram: Histogram, label: str) -> ManyObserver:
-        key = (histogram._name, label)
+        key = (histogram, label)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = ManyHistogram(histogram.labels(label))
