@@ -48,6 +48,14 @@ class Frame:
     def uniform(self) -> bool:
         return len(self.blocks) == 1
 
+    def steps(self) -> int:
+        """Session-steps in the frame (sessions x their steps), summed over the blocks."""
+        blocks = self.blocks
+        if len(blocks) == 1:  # the common case, without a generator
+            shape = blocks[0].x.shape
+            return int(shape[0] * shape[1])
+        return sum(int(b.x.shape[0] * b.x.shape[1]) for b in blocks)
+
 
 def _constant(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False

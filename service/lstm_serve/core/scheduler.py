@@ -204,14 +204,10 @@ class Scheduler:
     def submit_step(
         self, frame: Frame, keys: list[str], deadline: float | None
     ) -> asyncio.Future[StepResult]:
-        blocks = frame.blocks
-        if len(blocks) == 1:
-            shape = blocks[0].x.shape
-            steps = shape[0] * shape[1]
-        else:
-            steps = sum(b.x.shape[0] * b.x.shape[1] for b in blocks)
         fut: asyncio.Future[StepResult] = self.loop.create_future()
-        self._enqueue(StepJob(frame, keys, fut, deadline, time.perf_counter(), len(keys), steps))
+        self._enqueue(
+            StepJob(frame, keys, fut, deadline, time.perf_counter(), len(keys), frame.steps())
+        )
         return fut
 
     def submit_op(

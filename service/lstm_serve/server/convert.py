@@ -109,12 +109,8 @@ def _columnar(fr: pb.Frame, m: Manifest) -> F.Frame:
 
 def answer_bytes(frame: F.Frame, m: Manifest, top_k: int) -> int:
     """An upper bound of the encoded answer's size, known before anything runs."""
-    blocks, ids = frame.blocks, frame.ids
-    if len(blocks) == 1:  # the common case, without a generator
-        shape = blocks[0].x.shape
-        steps = int(shape[0] * shape[1])
-    else:
-        steps = sum(int(b.x.shape[0] * b.x.shape[1]) for b in blocks)
+    ids = frame.ids
+    steps = frame.steps()
     per_step = (
         10 * min(top_k, m.output_dim) + 4 if m.kind is Kind.token and top_k else 4 * m.output_dim
     )

@@ -219,7 +219,7 @@ def decode(req: ipb.ModelInferRequest, m: Manifest) -> tuple[F.Frame, Decoded]:
 
 def answer_bytes(frame: F.Frame, m: Manifest, d: Decoded) -> int:
     """An upper bound of the encoded answer's size, known before anything runs."""
-    steps = sum(int(b.x.shape[0] * b.x.shape[1]) for b in frame.blocks)
+    steps = frame.steps()
     label = max((len(v.encode()) for v in m.vocab), default=0) if m.vocab else 0
     per_step = sum(
         o.class_count * (4 + 32 + label) if o.class_count else 4 * m.output_dim for o in d.outputs
