@@ -357,8 +357,10 @@ class Engine:
         commit: bool = False,
         principal: str = "",
         deadline: float | None = None,
+        fits: Callable[[Manifest], None] | None = None,
     ) -> tuple[ModelVersion, ForecastResult]:
-        """Roll a session forward, feeding predictions back as inputs."""
+        """Roll a session forward, feeding predictions back as inputs. fits(manifest) raises
+        when the answer would not reach the client (checked before anything is applied)."""
         sampling = sampling or Sampling()
         lm = self._admit("Forecast", name, version)
         try:
@@ -380,6 +382,13 @@ class Engine:
                     f"model {m.name!r} is real-valued: top_k and temperature apply to token "
                     f"models only"
                 )
+            if m.kind is Kind.token and sampling.top_k > m.output_dim:
+                raise InvalidArgument(
+                    f"top_k {sampling.top_k} is more than model {m.name!r}'s vocabulary of "
+                    f"{m.output_dim} tokens"
+                )
+            if fits is not None:
+                fits(m)
             px = None
             if prefix is not None:
                 px = prefix if isinstance(prefix, F.Frame) else prefix(m)

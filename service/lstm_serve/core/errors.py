@@ -41,9 +41,16 @@ class SeqGap(FailedPrecondition):
     """A request's seq is not the session's next seq (and is not a retry we can answer)."""
 
     def __init__(self, session_id: str, expected: int, got: int) -> None:
-        super().__init__(
-            f"session {session_id!r}: seq {got} does not follow; expected seq {expected}"
-        )
+        if got < expected:
+            # Behind: applied before, but not answerable again (not where a request began, or
+            # its answer left the replay cache).
+            why = (
+                f"seq {got} was already applied and its answer can no longer be replayed "
+                f"(no request began there, or the replay cache dropped it)"
+            )
+        else:
+            why = f"seq {got} does not follow"
+        super().__init__(f"session {session_id!r}: {why}; expected seq {expected}")
         self.expected = expected
         self.got = got
 

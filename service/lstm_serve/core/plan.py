@@ -54,11 +54,8 @@ def plan_rows(
     for i in np.flatnonzero((live & (seq < nxt)) | (exists & reset & (seq == 0))).tolist():
         slot = int(s[i])
         f = find(store.replay[slot], int(store.replay_row[slot]), int(store.gen[slot]), int(seq[i]))
-        ok = (
-            f is not None
-            and f.entry.row_steps(f.row) == int(steps[i])
-            and bool(f.entry.reset[f.row]) == bool(reset[i])
-        )
+        same_reset = f is not None and bool(f.entry.reset[f.row]) == bool(reset[i])
+        ok = same_reset and f is not None and f.entry.row_steps(f.row) == int(steps[i])
         if reset[i]:
             # A reset is answered again only while it is still the session's last request.
             if (
@@ -70,7 +67,9 @@ def plan_rows(
                 action[i], base[i] = REPLAY, 0
                 found[i] = f
             continue
-        if not ok or f is None:
+        if f is not None and same_reset and not ok:
+            action[i] = MISMATCH  # a request began at seq, with another number of steps
+        elif not ok or f is None:
             action[i] = GAP
         elif int(f.entry.digest[f.row]) != int(digests[i]):
             action[i] = MISMATCH

@@ -864,7 +864,8 @@ class Scheduler:
         if a == P.MISMATCH:
             return FailedPrecondition(
                 f"session {sid!r}: seq {int(job.frame.seq[i])} was already applied with "
-                f"different inputs; a retry must resend the same steps"
+                f"different inputs (other values or another number of steps); a retry must resend the "
+                f"same steps; expected seq {int(plan.expected[g])}"
             )
         return SeqGap(sid, int(plan.expected[g]), int(job.frame.seq[i]))
 

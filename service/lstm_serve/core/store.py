@@ -203,8 +203,9 @@ class SessionStore:
             return []
         if policy is CapPolicy.refuse:
             raise ResourceExhausted(
-                f"model {label} holds its maximum of {self.capacity} sessions; "
-                f"end idle sessions or retry later"
+                f"the request starts {n_new} new session{'s' if n_new != 1 else ''}; model "
+                f"{label} has {self.free} of its {self.capacity} session slots free; end idle "
+                f"sessions, start fewer at once, or retry later"
             )
         if n_new > self.capacity:
             raise ResourceExhausted(

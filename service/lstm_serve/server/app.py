@@ -13,12 +13,12 @@ from typing import Any, get_args, get_origin
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.repository import load_repository
+from lstm_serve.server import reflection
 from lstm_serve.server.interceptors import (
     AuthInterceptor,
     Interceptor,
@@ -122,7 +122,7 @@ class LstmServer:
             InferenceServicer(self.engine, s.max_inflight_per_stream, s.max_message_bytes), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
+        reflection.enable(
             (
                 SERVICE_NAME,
                 INFERENCE_SERVICE_NAME,

@@ -118,6 +118,12 @@ def answer_bytes(frame: F.Frame, m: Manifest, top_k: int) -> int:
     return steps * per_step + id_bytes + 48 * len(ids) + 256
 
 
+def forecast_bytes(m: Manifest, session_id: str, horizon: int) -> int:
+    """An upper bound of a Forecast answer's size: float32 rows, or token ids (5-byte varints)."""
+    per_step = 5 if m.kind is Kind.token else 4 * m.output_dim
+    return horizon * per_step + len(session_id.encode()) + 256
+
+
 def model_ref(mv: ModelVersion) -> pb.ModelRef:
     return _model_ref(mv.manifest.name, mv.manifest.version)
 

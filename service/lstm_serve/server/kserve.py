@@ -12,11 +12,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
-from lstm_serve.core.errors import InvalidArgument, ServiceError
+from lstm_serve.core.errors import ServiceError
 from lstm_serve.core.repository import Manifest, ModelVersion
 from lstm_serve.core.scheduler import StepResult
 from lstm_serve.server import kserve_convert as K
 from lstm_serve.server.interceptors import PRINCIPAL
+from lstm_serve.server.limits import answer_limit, check_answer
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
 from lstm_serve.server.servicer import Context, deadline_of, pipeline
@@ -94,21 +95,18 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 
     # -- inference -------------------------------------------------------------------------------
 
+    def _limit(self, context: Context) -> int:
+        return answer_limit(context.invocation_metadata(), self.max_message_bytes)
+
     def _submit(
-        self, req: ipb.ModelInferRequest, principal: str, deadline: float | None
+        self, req: ipb.ModelInferRequest, principal: str, deadline: float | None, limit: int
     ) -> Pending:
         """Decode and queue one request (synchronously: requests queue in the order read)."""
         decoded: list[K.Decoded] = []
-        limit = self.max_message_bytes
 
         def decode(m: Manifest) -> F.Frame:
             frame, d = K.decode(req, m)
-            size = K.answer_bytes(frame, m, d)
-            if size > limit:
-                raise InvalidArgument(
-                    f"the answer would take about {size} bytes, more than the {limit} allowed "
-                    f"(the server's max_message_bytes); send fewer steps per request"
-                )
+            check_answer(K.answer_bytes(frame, m, d), limit, "send fewer steps per request")
             decoded.append(d)
             return frame
 
@@ -130,8 +128,9 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
     async def ModelInfer(
         self, request: ipb.ModelInferRequest, context: Context
     ) -> ipb.ModelInferResponse:
+        limit = self._limit(context)
         return await self._answer(
-            request, self._submit(request, PRINCIPAL.get(), deadline_of(context))
+            request, self._submit(request, PRINCIPAL.get(), deadline_of(context), limit)
         )
 
     async def ModelStreamInfer(
@@ -141,9 +140,10 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         # (as Triton does) and the stream goes on.
         principal = PRINCIPAL.get()
         deadline = deadline_of(context)
+        limit = self._limit(context)
 
         def submit(req: ipb.ModelInferRequest) -> Pending:
-            return self._submit(req, principal, deadline)
+            return self._submit(req, principal, deadline, limit)
 
         async def answer(
             req: ipb.ModelInferRequest, p: Pending | ServiceError

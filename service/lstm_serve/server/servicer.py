@@ -14,17 +14,16 @@ import grpc
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.errors import InvalidArgument, ServiceError
-from lstm_serve.core.repository import Manifest
+from lstm_serve.core.repository import Kind, Manifest
 from lstm_serve.core.rollout import Sampling
 from lstm_serve.core.scheduler import StepResult
 from lstm_serve.server import convert
 from lstm_serve.server.interceptors import PRINCIPAL
+from lstm_serve.server.limits import answer_limit, check_answer
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
-# Metadata a client sends to say the largest answer it accepts (its receive limit), in bytes.
-MAX_RESPONSE_KEY = "lstm-serve-max-response-bytes"
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 P = TypeVar("P")
@@ -39,28 +38,18 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         self.max_message_bytes = max_message_bytes
 
     def _limit(self, context: Context) -> int:
-        """The largest answer this call may get: the server's send limit or the client's own."""
-        limit = self.max_message_bytes
-        for key, value in context.invocation_metadata() or ():
-            if key == MAX_RESPONSE_KEY:
-                try:
-                    limit = min(limit, int(value))
-                except ValueError:
-                    raise InvalidArgument(f"{MAX_RESPONSE_KEY} must be a number of bytes") from None
-        return limit
+        return answer_limit(context.invocation_metadata(), self.max_message_bytes)
 
     def _submit(
         self, req: pb.StepRequest, principal: str, deadline: float | None, limit: int
     ) -> asyncio.Future[StepResult]:
         def decode(m: Manifest) -> F.Frame:
+            check_top_k(m, req.top_k)
             frame = convert.frame_of(req, m)
-            size = convert.answer_bytes(frame, m, req.top_k)
-            if size > limit:
-                raise InvalidArgument(
-                    f"the answer would take about {size} bytes, more than the {limit} allowed "
-                    f"(the server's max_message_bytes or the client's {MAX_RESPONSE_KEY}); "
-                    f"send fewer sessions or steps per request, or ask for top_k"
-                )
+            check_answer(
+                convert.answer_bytes(frame, m, req.top_k), limit,
+                "send fewer sessions or steps per request, or ask for top_k",
+            )  # fmt: skip
             return frame
 
         return self.engine.submit_step(
@@ -106,9 +95,17 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
                 return convert.frame_of(prefix, m)
 
         sampling = Sampling(request.temperature, request.top_k, request.seed)
+        limit = self._limit(context)
+
+        def fits(m: Manifest) -> None:
+            check_answer(
+                convert.forecast_bytes(m, request.session_id, request.horizon), limit,
+                "ask for a shorter horizon",
+            )  # fmt: skip
+
         mv, result = await self.engine.forecast(
             request.model.name, request.model.version, request.session_id, request.horizon,
-            decode, sampling, request.commit, PRINCIPAL.get(), deadline_of(context),
+            decode, sampling, request.commit, PRINCIPAL.get(), deadline_of(context), fits,
         )  # fmt: skip
         return convert.forecast_response(mv, result)
 
@@ -139,6 +136,21 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
 
     async def GetModel(self, request: pb.ModelRef, context: Context) -> pb.ModelInfo:
         return convert.model_info(self.engine.get_model(request.name, request.version))
+
+
+def check_top_k(m: Manifest, k: int) -> None:
+    """top_k picks tokens: it means nothing for a real-valued model, and more than the
+    vocabulary cannot be given."""
+    if not k:
+        return
+    if m.kind is not Kind.token:
+        raise InvalidArgument(
+            f"model {m.name!r} is real-valued: top_k applies to token models only"
+        )
+    if k > m.output_dim:
+        raise InvalidArgument(
+            f"top_k {k} is more than model {m.name!r}'s vocabulary of {m.output_dim} tokens"
+        )
 
 
 def _itself(fut: asyncio.Future[StepResult]) -> asyncio.Future[StepResult]:
