@@ -116,7 +116,7 @@ def test_session_cap_refuse(tiny_repo: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             c.predict("tiny", "cap4", np.ones((1, 3)))
         assert err.value.code() is C.RESOURCE_EXHAUSTED
-        assert "maximum of 4 sessions" in (err.value.details() or "")
+        assert "0 of its 4 session slots free" in (err.value.details() or "")
         # A frame with an existing session and a new one is refused whole.
         frame = [
             session_steps("cap0", np.ones((1, 3)), seq=1),

@@ -20,7 +20,7 @@ from lstm_serve.server.interceptors import PRINCIPAL
 from lstm_serve.server.limits import answer_limit, check_answer
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
-from lstm_serve.server.servicer import Context, deadline_of, pipeline
+from lstm_serve.server.streams import Context, deadline_of, pipeline
 
 logger = logging.getLogger(__name__)
 
