@@ -8,6 +8,9 @@ export PIP_FIND_LINKS ?= $(wildcard /opt/wheels)
 
 HOST ?= 127.0.0.1
 PORT ?= 50051
+# The Prometheus metrics port (-1: none), e.g. `make serve METRICS_PORT=9401` when 9400 is taken;
+# LSTM_SERVE_METRICS_PORT in the environment still applies.
+METRICS_PORT ?= $(or $(LSTM_SERVE_METRICS_PORT),9400)
 
 # Triton's Python client pins its own protobuf: it gets a venv of its own, for the tests that
 # drive the Open Inference Protocol with it.
@@ -30,7 +33,7 @@ $(VENV)/.dev: $(VENV)/.created pyproject.toml
 	touch $@ $(VENV)/.serve
 
 serve: $(VENV)/.serve
-	$(VENV)/bin/lstm-serve serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/lstm-serve serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 $(TRITON_VENV)/.ready: tests/triton/requirements.txt
 	$(PYTHON) -m venv $(TRITON_VENV)

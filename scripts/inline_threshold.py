@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from lstm_serve.core import frame as F
+from lstm_serve.core.jobs import Limits
 from lstm_serve.core.probes import no_probes
 from lstm_serve.core.replay import ReplayCache
 from lstm_serve.core.repository import load_repository
 from lstm_serve.core.runtime import ModelRuntime, choose_device
-from lstm_serve.core.scheduler import Limits, Scheduler
+from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.store import SessionStore
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,10 @@ send one Predict of a given size, for a few rounds.
 
     .venv/bin/python scripts/message_memory.py --clients 8 --mib 100   # over the limit: refused
     .venv/bin/python scripts/message_memory.py --clients 8 --mib 15    # under it: decoded
+    .venv/bin/python scripts/message_memory.py --clients 8 --mib 100 --asyncio  # one channel
+
+Threads send on a channel each; --asyncio sends from one event loop, on one shared channel (one
+connection, N streams) unless --channel-each.
 
 Prints VmRSS / VmHWM (peak) of the server in MiB: idle, after each round, and a second later.
 Not part of CI; docs/operations.md quotes its figures.
@@ -12,6 +16,7 @@ Not part of CI; docs/operations.md quotes its figures.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
 import subprocess
 import sys
@@ -44,6 +49,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="forecaster")
     ap.add_argument("--model-repository", default=str(ROOT / "models"))
+    ap.add_argument("--asyncio", action="store_true", help="asyncio senders (grpc.aio)")
+    ap.add_argument("--channel-each", action="store_true", help="with --asyncio")
+    ap.add_argument("--max-message-bytes", type=int, default=None, help="the server's setting")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,7 +59,8 @@ def main() -> int:
     exe = Path(sys.executable).with_name("lstm-serve")
     proc = subprocess.Popen(
         [str(exe), "serve", "--model-repository", args.model_repository,
-         "--port", str(port), "--metrics-port", "-1"],
+         "--port", str(port), "--metrics-port", "-1",
+         *(["--max-message-bytes", str(args.max_message_bytes)] if args.max_message_bytes else [])],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
@@ -75,13 +84,32 @@ def main() -> int:
                 except grpc.RpcError as exc:
                     codes.append(exc.code().name)
 
+        async def one_async(stub: pb_grpc.LstmServeStub) -> None:
+            try:
+                await stub.Predict(req, timeout=120)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+
+        async def round_async() -> None:
+            opts = [("grpc.max_send_message_length", -1)]
+            n = args.clients if args.channel_each else 1
+            channels = [grpc.aio.insecure_channel(target, options=opts) for _ in range(n)]
+            stubs = [pb_grpc.LstmServeStub(ch) for ch in channels]
+            await asyncio.gather(*(one_async(stubs[i % n]) for i in range(args.clients)))
+            for ch in channels:
+                await ch.close()
+
         for r in range(args.rounds):
-            threads = [threading.Thread(target=one) for _ in range(args.clients)]
             t0 = time.monotonic()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            if args.asyncio:
+                asyncio.run(round_async())
+            else:
+                threads = [threading.Thread(target=one) for _ in range(args.clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
             took = time.monotonic() - t0
             print(
                 f"round {r}: {args.clients} x {args.mib:g} MiB in {took:.2f}s: {memory(proc.pid)}"

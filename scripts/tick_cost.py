@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from lstm_serve.core.jobs import Limits, Runner
 from lstm_serve.core.probes import Probes, no_probes
 from lstm_serve.core.replay import ReplayCache
 from lstm_serve.core.repository import ModelVersion, load_repository
 from lstm_serve.core.runtime import Device, ModelRuntime, choose_device
-from lstm_serve.core.scheduler import Limits, Runner, Scheduler
+from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.store import SessionStore
 from lstm_serve.server import convert
 from lstm_serve.server.metrics import Metrics

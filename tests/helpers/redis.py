@@ -1,5 +1,6 @@
 """A real redis-server on a loopback port, with an append-only file fsynced on every write (the
-configuration under which an acknowledged step survives a Redis crash)."""
+configuration under which an acknowledged step survives a Redis crash); optionally with a
+password (--requirepass) and TLS only (a certificate from tests/helpers/certs.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.helpers.certs import Pki
 from tests.helpers.process import stop_process
 
 
@@ -22,7 +24,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, fsync: str = "always") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        fsync: str = "always",
+        password: str | None = None,
+        tls: Pki | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (.ci/run installs it)")
@@ -30,23 +39,35 @@ class RedisServer:
         self.dir = directory
         self.port = port or free_port()
         self.fsync = fsync
+        self.password = password
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls is not None:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca_path}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
-                "--appendfsync", self.fsync, "--protected-mode", "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        args = [
+            self.binary, "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+            "--appendonly", "yes", "--appendfsync", self.fsync, "--protected-mode", "no",
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        if self.tls is None:
+            args += ["--port", str(self.port)]
+        else:
+            s = self.tls.server
+            args += [
+                "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(s.cert_path),
+                "--tls-key-file", str(s.key_path), "--tls-ca-cert-file", str(self.tls.ca_path),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -58,7 +79,7 @@ class RedisServer:
                 time.sleep(0.02)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis.from_url(self.url, socket_timeout=5)
 
     def kill(self) -> None:
         """SIGKILL: what was acknowledged is in the fsynced append-only file."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -13,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lstm_serve.cli.main import build_parser
 from lstm_serve.client import Client
+from tests.helpers.certs import Pki
+from tests.helpers.process import stop_process
 from tests.helpers.server import OnePass, ServerThread, xs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,6 +272,61 @@ def test_stream_text_to_a_token_model(server: ServerThread, tok_oracle: OnePass)
         assert len(shown.split()) == 2
 
 
+def _with_a_bad_line(x: np.ndarray, bad: str) -> str:
+    """A header, two rows of x, a blank line, `bad` (line 5), then the rest of x."""
+    rows = csv_of(x).splitlines()
+    return "\n".join([*rows[:3], "", bad, *rows[3:]]) + "\n"
+
+
+@pytest.mark.parametrize("bad,chunk", [("foo,3,4", 1), ("1,,3", 3)])
+def test_stream_stops_at_a_line_that_is_not_numbers(
+    server: ServerThread, oracle: OnePass, bad: str, chunk: int
+) -> None:
+    x = xs(8, 4)
+    session = f"cli-bad-{chunk}"
+    proc = cli(
+        "stream", "--target", server.target, "--model", "tiny", "--session", session,
+        "--chunk", str(chunk), stdin=_with_a_bad_line(x, bad),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: stdin line 5 ({bad!r})"), line
+    assert "the 2 step(s) before it were sent" in line
+    # The lines before it were sent as they came (with --chunk 3, the part chunk too) ...
+    seqs, y = parse_rows(proc.stdout)
+    assert seqs == [0, 1]
+    np.testing.assert_allclose(y, oracle.run(x[:2])[0], rtol=RTOL, atol=ATOL)
+    # ... and nothing from the bad line on.
+    with Client(server.target) as c:
+        assert c.get_session("tiny", session).next_seq == 2
+
+
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        ("foo,3,4", "is not a row of numbers"),
+        ("1,,3", "is not a row of numbers"),
+        ("1,2", "has 2 values, the rows before it 3"),
+        ("nan,1,2", "holds a NaN or Inf"),
+    ],
+)
+def test_predict_sends_nothing_when_a_line_is_bad(
+    server: ServerThread, tmp_path: Path, bad: str, why: str
+) -> None:
+    path = tmp_path / "steps.csv"
+    path.write_text(_with_a_bad_line(xs(9, 4), bad))
+    proc = cli(
+        "predict", "--target", server.target, "--model", "tiny", "--session", "cli-bad-predict",
+        "--input", str(path),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path} line 5 ({bad!r}) {why}"), line
+    assert proc.stdout == ""
+    with Client(server.target) as c:
+        assert not c.get_session("tiny", "cli-bad-predict").exists
+
+
 # -- forecast --------------------------------------------------------------------------------
 
 
@@ -327,3 +387,146 @@ def test_serve_with_an_invalid_flag_says_which(tiny_repo: Path) -> None:
     assert proc.returncode != 0
     assert "port" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_with_an_out_of_range_metrics_port_says_how_to_set_it(tiny_repo: Path) -> None:
+    for port in ("-2", "65536"):
+        proc = cli(
+            "serve", "--port", "0", "--metrics-port", port, "--model-repository", str(tiny_repo)
+        )
+        assert proc.returncode == 2, proc.stderr
+        [line] = proc.stderr.strip().splitlines()
+        assert "metrics_port (--metrics-port or LSTM_SERVE_METRICS_PORT)" in line
+        assert "-1 disables" in line  # what the setting means, not only what is wrong
+
+
+@pytest.mark.parametrize(
+    "flag,env",
+    [
+        ("--port", "LSTM_SERVE_PORT"),
+        ("--metrics-port", "LSTM_SERVE_METRICS_PORT"),
+        ("--health-port", "LSTM_SERVE_HEALTH_PORT"),
+    ],
+)
+def test_serve_on_a_taken_port_names_it_in_one_line(tiny_repo: Path, flag: str, env: str) -> None:
+    ports = {"--port": "0", "--metrics-port": "-1", "--health-port": "-1"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports[flag] = str(port)
+        proc = cli(
+            "serve", *(w for p in ports.items() for w in p), "--model-repository", str(tiny_repo)
+        )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if " ERROR " in x]
+    assert f"127.0.0.1:{port}" in line and "Address already in use" in line
+    assert f"{flag} or {env}" in line
+    # Ports are bound before the models load: a taken one fails at once.
+    assert "loaded" not in proc.stderr
+
+
+def _serve_until_listening(*args: str) -> list[str]:
+    """Start `lstm-serve serve`, return its log up to the "listening" line, then stop it."""
+    exe = Path(sys.executable).with_name("lstm-serve")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lstm_serve.cli.main"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTM_SERVE_")}
+    proc = subprocess.Popen(
+        [*cmd, "serve", *args], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
+    lines = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # ends at EOF if the server exits
+            lines.append(line)
+            if "listening on" in line:
+                break
+    finally:
+        stop_process(proc)
+    assert any("listening on" in x for x in lines), "".join(lines)
+    return lines
+
+
+def test_serve_logs_the_metrics_port_and_warns_of_tokens_in_clear(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    lines = _serve_until_listening(
+        "--port", "0", "--metrics-port", "-1", "--auth-tokens", "ops:s3cret",
+        "--model-repository", str(tiny_repo),
+    )  # fmt: skip
+    [listening] = [x for x in lines if "listening on" in x]
+    assert "metrics off" in listening and "127.0.0.1:0" not in listening
+    [warning] = [x for x in lines if " WARNING " in x]
+    assert "clear text" in warning and "--tls-cert" in warning
+    # With TLS the tokens are not in clear: no warning; metrics on the port really bound.
+    pki = Pki.create(tmp_path)
+    lines = _serve_until_listening(
+        "--port", "0", "--metrics-port", "0", "--auth-tokens", "ops:s3cret",
+        "--tls-cert", str(pki.server.cert_path), "--tls-key", str(pki.server.key_path),
+        "--model-repository", str(tiny_repo),
+    )  # fmt: skip
+    [listening] = [x for x in lines if "listening on" in x]
+    metrics_port = int(listening.split("metrics 127.0.0.1:")[1].split(",")[0])
+    assert metrics_port > 0
+    assert not [x for x in lines if " WARNING " in x]
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    proc = cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"lstm-serve {version('lstm-serve')}"
+
+
+# -- train -----------------------------------------------------------------------------------
+
+
+def _torch_pin() -> str:
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    [pin] = [r for r in extra["train"] if r.startswith("torch")]
+    return pin
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_train_without_torch_says_how_to_install_it(command: str, tmp_path: Path) -> None:
+    # The `make serve` venv has no torch: make it unimportable in a real CLI process.
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from lstm_serve.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    args = {
+        "train": ["train", "models/forecaster/train.toml", "--out", str(tmp_path / "m")],
+        "export": ["export", "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "m")],
+    }[command]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTM_SERVE_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert f"lstm-serve {command} needs the training extra, and torch cannot be imported" in line
+    python = Path(sys.executable)
+    shown = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
+    assert f"`{shown} -m pip install -e '.[train]'`" in line
+    pin = _torch_pin()  # the exact version pyproject.toml pins, never a newer one
+    assert pin.startswith("torch==") and pin in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_readme_retrain_command_can_run_as_written() -> None:
+    readme = (ROOT / "README.md").read_text()
+    [command] = re.findall(r"`(\.venv/bin/lstm-serve train [^`]+)`", readme)
+    args = shlex.split(command)[1:]
+    parsed = build_parser(args).parse_args(args)
+    target = ROOT / parsed.out / "forecaster" / parsed.version
+    # It may be run again (a retrain), and it never replaces the shipped model.
+    assert parsed.force or not target.exists(), command
+    assert not target.resolve().is_relative_to(ROOT / "models"), command
+    assert parsed.recipe == Path("models/forecaster/train.toml")

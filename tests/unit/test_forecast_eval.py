@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,42 @@ def test_forecasts_ignore_values_after_the_origin() -> None:
         FE.HoltWinters.fit(x[:800], 24, True),
     ):
         np.testing.assert_array_equal(model.forecast(x, orig, 24), model.forecast(later, orig, 24))
+
+
+def test_baselines_rebuild_from_their_recorded_params() -> None:
+    """to_params through JSON and back (baseline_from_record) gives the same forecasts, bit for
+    bit: the manifest's params reproduce its scores without refitting."""
+    x = _series()
+    split = D.chronological_split(len(x), 0.15, 0.15)
+    fitted = FE.fit_baselines(x, split, [1, 24], [24])
+    orig = FE.origins(split.val_end, len(x), 24)
+    names = set()
+    for m in fitted[24]:
+        record = json.loads(json.dumps({**m.describe(), "params": m.to_params()}))
+        rebuilt = FE.baseline_from_record(m.name, record)
+        assert type(rebuilt) is type(m) and rebuilt.describe() == m.describe()
+        np.testing.assert_array_equal(rebuilt.forecast(x, orig, 24), m.forecast(x, orig, 24))
+        names.add(m.name)
+    assert names == {"persistence", "seasonal_naive_24", "holt_winters", "linear_ar"}
+
+
+def test_a_bad_record_is_refused() -> None:
+    var = FE.VectorAR.fit(_series()[:800], 3).to_params()
+    hw = FE.HoltWinters.fit(_series()[:800], 24, True).to_params()
+    bad = [
+        ("linear_ar", {}),  # no params
+        ("kalman", {"params": {}}),
+        ("linear_ar", {"params": {}}),
+        ("holt_winters", {"params": {**hw, "columns": None}}),
+        ("seasonal_naive_24", {"params": {"period": 12}}),
+        ("linear_ar", {"params": {**var, "lags": 2}}),  # coefs are [3, 2, 2]
+        ("holt_winters", {"params": {**hw, "columns": []}}),
+        ("holt_winters", {"params": {**hw, "period": 12}}),  # 24 initial seasons
+        ("holt_winters", {"params": {**hw, "columns": [{"smoothing_level": 0.5}]}}),
+    ]
+    for name, record in bad:
+        with pytest.raises(ValueError):
+            FE.baseline_from_record(name, record)
+    # ... while the same records, whole, are accepted.
+    FE.baseline_from_record("linear_ar", {"params": var})
+    FE.baseline_from_record("holt_winters", {"params": hw})

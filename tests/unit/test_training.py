@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,3 +360,107 @@ def test_test_values_change_no_trained_weight(tmp_path: Path) -> None:
     assert [e.val for e in res_a.history] == [e.val for e in res_b.history]
     # The test split itself did change: the scores on it differ.
     assert res_a.metrics["model"]["h1"]["mae"] != res_b.metrics["model"]["h1"]["mae"]
+
+
+# --------------------------------------------------------------------------- univariate series
+
+
+def _write_one_column(root: Path, rows: int = 700) -> Path:
+    t = np.arange(rows)
+    rng = np.random.default_rng(1)
+    a = 10 + 3 * np.sin(2 * np.pi * t / 24) + 0.2 * rng.standard_normal(rows)
+    (root / "one.csv").write_text(
+        "t,a\n" + "".join(f"{i},{v:.4f}\n" for i, v in zip(t, a, strict=True))
+    )
+    recipe = (
+        REAL_RECIPE.replace('path = "sine.csv"', 'path = "one.csv"')
+        .replace('columns = ["a", "b"]', 'columns = ["a"]')
+        .replace("layers = 2", "layers = 1")
+        .replace("hidden_size = 12", "hidden_size = 6")
+        .replace("batch = 8", "batch = 4")
+        .replace("epochs = 4", "epochs = 2")
+    )
+    (root / "train.toml").write_text(recipe)
+    return root / "train.toml"
+
+
+def test_a_one_column_series_trains_with_its_baselines_fitted_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lstm_serve")
+    res = T.train(_write_one_column(tmp_path), out=tmp_path / "repo", runs=tmp_path / "runs")
+    assert res.checkpoint.is_file() and res.export_dir == tmp_path / "repo" / "sine" / "1"
+    m = load_repository(tmp_path / "repo").get("sine").manifest
+    assert (m.input_dim, m.output_dim) == (1, 1)
+    baselines = m.metrics["baselines"]
+    assert set(baselines) == {"persistence", "seasonal_naive_24", "holt_winters", "linear_ar"}  # type: ignore[arg-type]
+    for h in ("h1", "h12"):
+        assert baselines["linear_ar"][h]["model"].startswith("AR(")  # type: ignore[index]
+        assert math.isfinite(baselines["linear_ar"][h]["mae"])  # type: ignore[index]
+    # The baselines were fitted before the first epoch: one that cannot be fails early.
+    messages = [r.getMessage() for r in caplog.records]
+    fitted = messages.index("fitting the baselines on the training split")
+    first_epoch = next(i for i, msg in enumerate(messages) if msg.startswith("epoch "))
+    assert fitted < first_epoch
+
+
+def test_univariate_ar_is_statsmodels_autoreg() -> None:
+    from statsmodels.tsa.ar_model import AutoReg
+
+    from lstm_serve.training.univariate_ar import UnivariateAR
+
+    rng = np.random.default_rng(3)
+    y = np.cumsum(rng.standard_normal(400)) + np.sin(np.arange(400) / 4)
+    ar = UnivariateAR.fit(y[:, None], 5)
+    ref = AutoReg(y, lags=5, trend="c").fit().params  # [const, lag 1, ..., lag 5]
+    np.testing.assert_allclose(np.r_[ar.intercept, ar.coefs.ravel()], ref, rtol=1e-9, atol=1e-9)
+    # Its forecasts are the AR recursion: one step from origin o is const + sum(phi_j y[o-j+1]).
+    orig = np.array([50, 200], np.int64)
+    one = ar.forecast(y[:, None], orig, 1)[:, 0, 0]
+    expected = [ref[0] + sum(ref[j] * y[o - j + 1] for j in range(1, 6)) for o in orig]
+    np.testing.assert_allclose(one, expected, rtol=1e-12)
+
+
+def test_a_series_that_cannot_be_scored_fails_before_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lstm_serve")
+    recipe = _write_one_column(tmp_path)
+    # 5% of 700 steps is 35, shorter than a 48-step horizon: nothing could score the model.
+    recipe.write_text(
+        recipe.read_text()
+        .replace("horizon = 12", "horizon = 48")
+        .replace("val_fraction = 0.1", "val_fraction = 0.2")
+        .replace("test_fraction = 0.1", "test_fraction = 0.05")
+    )
+    with pytest.raises(ValueError, match="test split is shorter than the horizon 48"):
+        T.train(recipe, out=tmp_path / "repo", runs=tmp_path / "runs")
+    assert not any(r.getMessage().startswith("epoch ") for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "cell,what",
+    [
+        ("", "'', not a number"),
+        ("n/a", "'n/a', not a number"),
+        ("nan", "nan, not a finite float32"),
+        ("1e39", "1e+39, not a finite float32"),
+    ],
+)
+def test_a_bad_csv_cell_is_named_by_file_line_and_column(
+    tmp_path: Path, cell: str, what: str
+) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text(f"t,a,b\n0,1.5,2\n1,2.5,3\n2,{cell},4\n3,4.5,5\n")
+    with pytest.raises(ValueError) as err:
+        D.load_csv_series(path, ["b", "a"])
+    assert str(err.value).startswith(f"{path}, line 4, column 'a': {what}")
+
+
+def test_a_short_csv_row_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text("t,a,b\n0,1.5,2\n\n1,2.5\n")
+    with pytest.raises(ValueError, match=r"s\.csv, line 4, column 'b': no cell$"):
+        D.load_csv_series(path, ["a", "b"])
+    path.write_text("t,a,b\n0,1.5,2\n\n1,2.5,3\n")
+    np.testing.assert_array_equal(D.load_csv_series(path, ["b", "a"]), [[2, 1.5], [3, 2.5]])

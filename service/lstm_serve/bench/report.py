@@ -40,7 +40,7 @@ def _versus(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each a ratio from this run (missing data: value None)."""
+    """The targets of docs/benchmarks.md, each a ratio from this run (missing data: value None)."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, op: str, threshold: float, detail: str) -> None:
@@ -118,7 +118,7 @@ def targets_lines(ts: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The tables of docs/benchmarks.md, from one result."""
+    """The tables of results.md (`make bench`: docs/bench/results.md), from one result."""
     out: list[str] = []
     out.append("### (a) Raw ONNX Runtime in process\n")
     out.append("| batch | steps/call | binding | steps/s | p50 ms/call | p95 | p99 |")

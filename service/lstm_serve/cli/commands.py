@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,15 +149,44 @@ def _open_input(path: str) -> TextIO:
     return sys.stdin if path == "-" else open(path)
 
 
-def _csv_rows(f: TextIO) -> Iterator[list[float]]:
-    for line in f:
-        line = line.strip()
+class InputError(ValueError):
+    """A line of the input that is not a step; the message names it."""
+
+
+def _csv_rows(f: TextIO, name: str) -> Iterator[list[float]]:
+    """One row of numbers per line. Blank lines are skipped, and the first line when it is
+    not numbers (a header); any other line that is not a row of finite numbers as long as the
+    rows before it is an error: dropping it would shift every later step of the session."""
+    width = 0
+    for number, raw in enumerate(f, 1):
+        line = raw.strip()
         if not line:
             continue
         try:
-            yield [float(v) for v in line.split(",")]
-        except ValueError:
-            continue  # a header or comment line
+            row = [float(v) for v in line.split(",")]
+        except ValueError as exc:
+            if number == 1:
+                continue  # a header
+            raise InputError(
+                f"{name} line {number} ({_shown(line)}) is not a row of numbers: {exc}"
+            ) from None
+        if not all(math.isfinite(v) for v in row):  # the server refuses NaN and Inf too
+            raise InputError(f"{name} line {number} ({_shown(line)}) holds a NaN or Inf")
+        if width and len(row) != width:
+            raise InputError(
+                f"{name} line {number} ({_shown(line)}) has {len(row)} values, the rows before "
+                f"it {width}"
+            )
+        width = len(row)
+        yield row
+
+
+def _shown(line: str, limit: int = 80) -> str:
+    return repr(line if len(line) <= limit else line[: limit - 3] + "...")
+
+
+def _input_name(path: str) -> str:
+    return "stdin" if path == "-" else path
 
 
 def _vocab(client: Client, model: str, version: str) -> dict[str, int] | None:
@@ -196,7 +226,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 args.session, tokens=_token_ids(f.read(), vocab), seq=args.seq, reset=args.reset
             )
         else:
-            steps = session_steps(args.session, list(_csv_rows(f)), seq=args.seq, reset=args.reset)
+            rows = list(_csv_rows(f, _input_name(args.input)))  # all checked before sending
+            steps = session_steps(args.session, rows, seq=args.seq, reset=args.reset)
         [out] = client.step(
             step_request(args.model, [steps], args.version, top_k=args.top_k if vocab else 0)
         )
@@ -224,12 +255,25 @@ def run_stream(args: argparse.Namespace) -> int:
                     _print_outputs(out.seq, out.y, out.top_k, names)
             else:
                 chunk: list[list[float]] = []
-                for row in _csv_rows(f):
-                    chunk.append(row)
-                    if len(chunk) == args.chunk:
+                sent = 0
+                try:
+                    for row in _csv_rows(f, _input_name(args.input)):
+                        chunk.append(row)
+                        if len(chunk) == args.chunk:
+                            out = stream.send(chunk)
+                            _print_outputs(out.seq, out.y, out.top_k, names)
+                            sent, chunk = sent + len(chunk), []
+                except InputError as exc:
+                    # Streaming: the lines before it have been sent as they came (the rest of
+                    # their chunk too, so the session stops right before the bad line).
+                    if chunk:
                         out = stream.send(chunk)
                         _print_outputs(out.seq, out.y, out.top_k, names)
-                        chunk = []
+                        sent += len(chunk)
+                    raise InputError(
+                        f"{exc}; the {sent} step(s) before it were sent (the session is at "
+                        f"step {stream.next_seq}), nothing from it on"
+                    ) from None
                 if chunk:
                     out = stream.send(chunk)
                     _print_outputs(out.seq, out.y, out.top_k, names)

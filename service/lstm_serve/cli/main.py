@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lstm_serve import __version__
+
 # subcommand -> (module, help). The module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lstm_serve.server.app", "run the gRPC server (the bundled models by default)"),
@@ -39,6 +41,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = argparse.ArgumentParser(prog="lstm-serve", description=__doc__)
     parser.add_argument("--log-level", default=None, help="logging level (default INFO)")
+    parser.add_argument("--version", action="version", version=f"lstm-serve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

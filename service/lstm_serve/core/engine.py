@@ -19,15 +19,17 @@ import numpy as np
 
 from lstm_serve.core import frame as F
 from lstm_serve.core.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from lstm_serve.core.jobs import Limits, SessionStatus, StepResult
 from lstm_serve.core.probes import Probes
+from lstm_serve.core.remote import StoreDown
 from lstm_serve.core.replay import ReplayCache
 from lstm_serve.core.repository import Kind, Manifest, ModelVersion, Repository
 from lstm_serve.core.rollout import ForecastResult, Rollout, Sampling
 from lstm_serve.core.runtime import Device, ModelRuntime, choose_device
-from lstm_serve.core.scheduler import Limits, Scheduler, SessionStatus, StepResult
+from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.snapshot import read_snapshot, write_snapshot
 from lstm_serve.core.store import CapPolicy, SessionStore
-from lstm_serve.core.sync import AnswerMode, StateSync
+from lstm_serve.core.sync import AnswerMode, StateSync, StoreHealth
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,9 @@ class Engine:
         # Called with (model name, reason) when a model's inference worker dies or stalls.
         self.on_model_failed: Callable[[str, str], None] | None = None
         self._redis: Any = None
+        # With a shared store: whether it accepts this replica (set by _share); its on_change
+        # is called with the reason while the store refuses this replica, None once it accepts.
+        self.store_health: StoreHealth | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -144,6 +149,8 @@ class Engine:
         s = self.settings
         choice = choose_device(s.device)
         self.device = choice.device
+        if s.state_store != "memory":
+            await self._connect_store()
         limits = Limits(
             s.max_batch_size, s.max_queue, s.inline_max_steps, s.cap_policy, s.inference_stall_s,
             s.max_batches_in_flight,
@@ -185,11 +192,9 @@ class Engine:
             self.on_model_failed(name, reason)
 
     def _share(self, lm: LoadedModel, probes: Probes) -> None:
-        from lstm_serve.core.redis_store import RedisRemote, connect
+        from lstm_serve.core.redis_store import RedisRemote
 
         s = self.settings
-        if self._redis is None:
-            self._redis = connect(s.state_store, s.state_store_timeout_s)
         m = lm.mv.manifest
         # The weights' hash is part of the namespace: other weights never read this state.
         space = f"{lm.label}:{m.sha256[:12]}"
@@ -198,7 +203,25 @@ class Engine:
             s.state_replies,
         )  # fmt: skip
         acked = s.state_answer is AnswerMode.acked
-        StateSync(lm.scheduler, remote, probes, acked, s.state_replies)
+        StateSync(
+            lm.scheduler, remote, probes, acked, s.state_replies, self.store_health,
+            s.session_ttl_s,
+        )  # fmt: skip
+
+    async def _connect_store(self) -> None:
+        """Connect to the shared store, and fail fast when it is unreachable or refuses this
+        replica (a wrong password, TLS settings): serving would only answer UNAVAILABLE."""
+        from lstm_serve.core.redis_store import check, connect, redact
+
+        s = self.settings
+        self._redis = client = connect(s.state_store, s.state_store_timeout_s)
+        self.store_health = StoreHealth(lambda: check(client))
+        try:
+            await self.store_health.check()
+        except StoreDown as exc:
+            await client.aclose()
+            why = "refuses this replica" if exc.refused else "is not reachable"
+            raise RuntimeError(f"session store {redact(s.state_store)} {why}: {exc}") from None
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -211,7 +234,11 @@ class Engine:
     @property
     def ready(self) -> bool:
         """Accepting, and no model's inference worker has died or stalled."""
-        return self._accepting and all(lm.scheduler.broken is None for lm in self.models.values())
+        return (
+            self._accepting
+            and all(lm.scheduler.broken is None for lm in self.models.values())
+            and (self.store_health is None or self.store_health.refused is None)
+        )
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """The model is loaded, the engine accepting, and its inference worker alive."""
@@ -219,7 +246,8 @@ class Engine:
             lm = self.model(name, version)
         except ServiceError:
             return False
-        return self._accepting and lm.scheduler.broken is None
+        refused = self.store_health is not None and self.store_health.refused is not None
+        return self._accepting and lm.scheduler.broken is None and not refused
 
     @property
     def idle(self) -> bool:
@@ -252,6 +280,8 @@ class Engine:
         for lm in self.models.values():
             if lm.sync is not None:  # the drain's last writes
                 await lm.sync.close()
+        if self.store_health is not None:
+            await self.store_health.close()
             await asyncio.to_thread(lm.scheduler.close)
 
     # -- models --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lstm_serve.core.frame import CONTINUE
+from lstm_serve.core.frame import APPEND, CONTINUE
 from lstm_serve.core.replay import Found, find
 from lstm_serve.core.store import SessionStore
 
@@ -77,3 +77,13 @@ def plan_rows(
             action[i], base[i] = REPLAY, seq[i]
             found[i] = f
     return Plan(action, slots.copy(), base, nxt, found)
+
+
+def plan_one(store: SessionStore, slot: int | None, seq: int) -> int:
+    """plan_rows for one row that appends (or starts its session) without a reset, in
+    scalars: APPLY or NEW as plan_rows would decide, or -1 when only plan_rows can say (a
+    retry, a gap, a session not found). The scheduler's streaming path; a test drives both on
+    the same requests."""
+    if slot is None:
+        return NEW if seq in (0, APPEND) else -1
+    return APPLY if seq < 0 or seq == int(store.next_seq[slot]) else -1

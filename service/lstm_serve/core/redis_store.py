@@ -1,9 +1,13 @@
 """The shared session store on Redis: per session a hash (epoch, version, state) and a list
 (its last replies), and two Lua scripts.
 
-claim: per session, take a new epoch (HINCRBY) and read the state and replies, in one call.
-write: per session, apply the write only if the stored epoch and version are the ones named,
-in one call, so a batch costs one round trip and a fenced writer changes nothing.
+claim: per session, read the state and replies and, if it is stored, take it over under a new
+epoch (chosen by the replica, at random), in one call. A session the store does not hold is
+left alone: nothing is written for a request on an unknown session.
+write: per session, apply the write only if the stored epoch and version are the ones named
+(version 0: only if no other replica has stored the session meanwhile), in one call, so a batch
+costs one round trip and a fenced writer changes nothing. A delete removes both keys: epochs
+are random, so an old claim never matches a later session of the same id.
 Both keys of a session share a hash tag, and expire after the session TTL (refreshed by every
 claim and write).
 """
@@ -11,12 +15,22 @@ claim and write).
 from __future__ import annotations
 
 import logging
+import secrets
+import ssl
 import struct
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 
 from lstm_serve.core.remote import Claim, Reply, State, StoreDown, Write
 
@@ -25,15 +39,23 @@ logger = logging.getLogger(__name__)
 F32 = np.dtype("<f4")
 REPLY_HEAD = struct.Struct("<qqQ?")  # seq, next_seq, digest, reset; then y as float32
 
+# ARGV: ttl_ms, then one new epoch per session. Out per session: {} (not stored), or version,
+# h, c, y, next_seq, replies.
 CLAIM = """
 local out = {}
+local j = 2
 for i = 1, #KEYS, 2 do
-  local k = KEYS[i]
-  local e = redis.call('HINCRBY', k, 'e', 1)
-  redis.call('PEXPIRE', k, ARGV[1])
-  redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+  local k, rk = KEYS[i], KEYS[i + 1]
   local v = redis.call('HMGET', k, 'v', 'h', 'c', 'y', 'n')
-  out[#out + 1] = {e, v[1], v[2], v[3], v[4], v[5], redis.call('LRANGE', KEYS[i + 1], 0, -1)}
+  if v[2] then
+    redis.call('HSET', k, 'e', ARGV[j])
+    redis.call('PEXPIRE', k, ARGV[1])
+    redis.call('PEXPIRE', rk, ARGV[1])
+    out[#out + 1] = {v[1], v[2], v[3], v[4], v[5], redis.call('LRANGE', rk, 0, -1)}
+  else
+    out[#out + 1] = {}
+  end
+  j = j + 1
 end
 return out
 """
@@ -47,20 +69,22 @@ for i = 1, #KEYS, 2 do
   local k, rk = KEYS[i], KEYS[i + 1]
   local nr = tonumber(ARGV[a + 8])
   local first = a + 9
-  local cur = redis.call('HMGET', k, 'e', 'v')
   local v = ARGV[a + 2]
-  if cur[1] ~= ARGV[a + 1] or (cur[2] or '0') ~= v then
+  local ok
+  if v == '0' then
+    ok = redis.call('HEXISTS', k, 'h') == 0
+  else
+    local cur = redis.call('HMGET', k, 'e', 'v')
+    ok = cur[1] == ARGV[a + 1] and cur[2] == v
+  end
+  if not ok then
     out[#out + 1] = 0
   elseif ARGV[a] == 'd' then
-    -- the epoch and version stay (until the TTL), so they never go back
-    redis.call('HDEL', k, 'h', 'c', 'y', 'n')
-    redis.call('HSET', k, 'v', tostring(tonumber(v) + 1))
-    redis.call('DEL', rk)
-    redis.call('PEXPIRE', k, ttl)
+    redis.call('DEL', k, rk)
     out[#out + 1] = 1
   else
-    redis.call('HSET', k, 'v', tostring(tonumber(v) + 1), 'h', ARGV[a + 3], 'c', ARGV[a + 4],
-      'y', ARGV[a + 5], 'n', ARGV[a + 6])
+    redis.call('HSET', k, 'e', ARGV[a + 1], 'v', tostring(tonumber(v) + 1), 'h', ARGV[a + 3],
+      'c', ARGV[a + 4], 'y', ARGV[a + 5], 'n', ARGV[a + 6])
     if ARGV[a + 7] == '1' then redis.call('DEL', rk) end
     for j = first, first + nr - 1 do redis.call('RPUSH', rk, ARGV[j]) end
     redis.call('LTRIM', rk, -keep, -1)
@@ -73,12 +97,68 @@ end
 return out
 """
 
+# Errors that mean the store refuses this replica, not that it is down: wrong or missing
+# credentials, an ACL that forbids what the replica runs (or scripts switched off).
+_REFUSALS = (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether exc says the store refuses this replica (its credentials, its TLS settings, its
+    permissions) rather than that the store is down or unreachable."""
+    if isinstance(exc, _REFUSALS):
+        return True
+    if isinstance(exc, ResponseError) and str(exc).lower().startswith("unknown command"):
+        return True  # a managed Redis without Lua scripts
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # redis-py wraps TLS failures in its own errors
+        if isinstance(e, ssl.SSLError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def redact(url: str) -> str:
+    """The store URL with its password (in the user part or the query) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable store URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        # user:password, or a lone word that redis-py takes as a user name but may be a secret
+        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="/*"
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
 
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
     """A client (a connection pool) for a redis:// URL; every call fails after timeout_s."""
     return aioredis.Redis.from_url(
         url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=5
     )
+
+
+async def check(client: aioredis.Redis) -> None:
+    """One call that needs what a replica needs of the store: a connection, its credentials
+    and TLS settings accepted, and Lua scripts allowed. Raises StoreDown."""
+    try:
+        await client.register_script("return 1")()
+    except (RedisError, OSError) as exc:
+        raise _down(exc) from exc
 
 
 class RedisRemote:
@@ -115,8 +195,10 @@ class RedisRemote:
         return out
 
     async def claim(self, keys: list[str]) -> list[Claim]:
-        rows = await self._call(self._claim, self._keys(keys), [self.ttl_ms])
-        return [self._decode(row) for row in rows]
+        # Random epochs (62 bits): never reused, so deleting an ended session needs no marker.
+        epochs = [secrets.randbits(62) + 1 for _ in keys]
+        rows = await self._call(self._claim, self._keys(keys), [self.ttl_ms, *epochs])
+        return [self._decode(e, row) for e, row in zip(epochs, rows, strict=True)]
 
     async def write(self, writes: list[Write]) -> list[bool]:
         args: list[Any] = [self.ttl_ms, self.replies]
@@ -130,8 +212,11 @@ class RedisRemote:
         try:
             n = await self.client.hget(self.key(key), "n")
         except (RedisError, OSError) as exc:
-            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+            raise _down(exc) from exc
         return None if n is None else int(n)
+
+    async def check(self) -> None:
+        await check(self.client)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -140,7 +225,7 @@ class RedisRemote:
         try:
             out: list[Any] = await script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+            raise _down(exc) from exc
         return out
 
     @staticmethod
@@ -160,11 +245,10 @@ class RedisRemote:
             out.append(head + np.ascontiguousarray(r.y, F32).tobytes())
         return out
 
-    def _decode(self, row: list[Any]) -> Claim:
-        epoch, version, h, c, y, n, replies = row
-        ver = int(version) if version else 0
-        if not h:
-            return Claim(int(epoch), ver, None)
+    def _decode(self, epoch: int, row: list[Any]) -> Claim:
+        if not row:
+            return Claim(epoch, 0, None)
+        version, h, c, y, n, replies = row
         rs = []
         for blob in replies:
             seq, nxt, dig, reset = REPLY_HEAD.unpack_from(blob)
@@ -177,4 +261,8 @@ class RedisRemote:
             int(n),
             tuple(rs),
         )
-        return Claim(int(epoch), ver, state)
+        return Claim(epoch, int(version), state)
+
+
+def _down(exc: BaseException) -> StoreDown:
+    return StoreDown(f"{type(exc).__name__}: {exc}", refused(exc))

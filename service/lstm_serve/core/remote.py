@@ -3,8 +3,13 @@
 A record is the whole of a session as the owning replica last wrote it: h, c, last output,
 next_seq and its last replies (so retries of the last requests, a pipelined stream's too, are
 answered again on any replica).
-Every load takes a new ownership epoch; every write names the epoch and the version it follows
-and is refused (fenced) unless both still hold. See core/sync.py for how a replica uses it.
+Every load of a stored session takes a new ownership epoch; every write names the epoch and the
+version it follows and is refused (fenced) unless both still hold. A session the store does not
+hold is claimed without a trace in the store (a request for an unknown session leaves nothing
+there); its first write creates it, and is fenced if another replica created it meanwhile.
+Epochs are random, never counted, so an ended session is deleted outright: a replica still
+holding an old claim can never match a later session's epoch. See core/sync.py for how a
+replica uses it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class State:
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A load: the new epoch this replica owns the session under, the version it is at, and
-    its state (None: the store has no such session)."""
+    its state (None: the store has no such session; its version is then 0)."""
 
     epoch: int
     version: int
@@ -50,7 +55,8 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """Write (state set) or delete (state None) a session, if epoch and version still hold."""
+    """Write (state set) or delete (state None) a session, if epoch and version still hold
+    (version 0: if the store holds no such session)."""
 
     key: str
     epoch: int
@@ -71,8 +77,22 @@ class Remote(Protocol):
         """A session's next_seq without claiming it (None: no such session)."""
         ...
 
+    async def check(self) -> None:
+        """One call that needs all a replica needs of the store (connection, credentials,
+        scripts); raises StoreDown when it fails."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class StoreDown(Exception):
-    """The shared store could not be reached or answered with an error."""
+    """The shared store could not be reached or answered with an error. The message is for the
+    operator's log, never for clients.
+
+    refused: the store refused this replica (credentials, TLS, permissions): this replica's
+    configuration is wrong, which other replicas need not share; otherwise the store is down
+    or unreachable, which every replica shares."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused

@@ -1,12 +1,14 @@
 """The scheduler: one per model version, the only way to its session state.
 
 Requests are appended to a pending FIFO, each with one future. Once per event-loop pass a tick
-takes what is pending and, over arrays: admits in arrival order (a request on a session that an
-earlier pending request holds waits behind it; nothing overtakes), plans (plan.py), groups rows
-by step count, gathers h and c from the store, runs ONNX Runtime (inline when small, in an
-executor when large), commits what succeeded, keeps one replay entry per request and resolves
-the futures. Roll-outs (rollout.py) add one row per tick. Nothing waits on a timer: batches
-form from what queued while the previous tick ran. See docs/architecture.md.
+takes what is pending and admits it in arrival order (a request on a session that an earlier
+pending request holds waits behind it; nothing overtakes). The tick then runs in phases, each
+in a module of its own that resolves no future: batch.build (plan over arrays, room for new
+sessions, gather by step count), batch.run_parts (ONNX Runtime: inline when small, in an
+executor when large), commit.commit (write what succeeded, replay entries, outcomes). The
+scheduler alone resolves futures, counts and calls the shared store's hooks. Roll-outs
+(rollout.py) add one row per tick. Nothing waits on a timer: batches form from what queued
+while the previous tick ran. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -17,125 +19,42 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lstm_serve.core import plan as P
+from lstm_serve.core.batch import Part, Tick, build, run_parts
+from lstm_serve.core.commit import NOT_REPLAYED1, Outcome, commit
 from lstm_serve.core.errors import (
     DeadlineExceeded,
-    FailedPrecondition,
     NotFound,
     ResourceExhausted,
-    SeqGap,
     ServiceError,
-    SessionNotFound,
     Unavailable,
 )
-from lstm_serve.core.frame import CONTINUE, Frame, digest
+from lstm_serve.core.frame import Frame, digest
+from lstm_serve.core.jobs import (
+    Job,
+    Limits,
+    OpJob,
+    Outputs,
+    Runner,
+    SessionStatus,
+    StepJob,
+    StepResult,
+)
 from lstm_serve.core.probes import Probes
-from lstm_serve.core.replay import ReplayCache, ReplayEntry
+from lstm_serve.core.replay import ReplayCache
 from lstm_serve.core.rollout import ForecastResult, Rollout
-from lstm_serve.core.store import CapPolicy, SessionStore
+from lstm_serve.core.store import SessionStore
 
 if TYPE_CHECKING:
     from lstm_serve.core.sync import StateSync
 
 logger = logging.getLogger(__name__)
 
-Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]
-# The replayed column of every applied one-session answer (read-only: shared).
-_NOT_REPLAYED1 = np.zeros(1, bool)
-_NOT_REPLAYED1.flags.writeable = False
-
-
-class Runner(Protocol):
-    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> Outputs: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_batch: int = 1024  # most rows in one inference call
-    max_queue: int = 4096  # most sessions waiting
-    inline_max_steps: int = 128  # batches of up to this many session-steps run on the loop
-    cap_policy: CapPolicy = CapPolicy.refuse
-    stall_s: float = 120.0  # an inference call longer than this is a dead worker
-    # Batches in the executor at once: with 2 the loop prepares the next batch (of other
-    # sessions) while one runs; 1 runs them strictly one after another.
-    max_batches_in_flight: int = 2
-
-
-@dataclass(slots=True)
-class StepResult:
-    ids: list[str]
-    seq: np.ndarray  # int64 [n]: seq of each session's first step
-    next_seq: np.ndarray  # int64 [n]
-    replayed: np.ndarray  # bool [n]
-    y: np.ndarray | list[np.ndarray]  # per session [steps, output_dim]; an ndarray when uniform
-
-
-@dataclass(slots=True)
-class SessionStatus:
-    session_id: str
-    exists: bool
-    next_seq: int
-    idle_seconds: float
-
-
-@dataclass(eq=False, slots=True)
-class StepJob:
-    frame: Frame
-    keys: list[str]
-    future: asyncio.Future[StepResult]
-    deadline: float | None
-    t0: float
-    rows: int
-    steps: int  # session-steps
-    method: str = "Step"
-
-
-@dataclass(eq=False, slots=True)
-class OpJob:
-    """ResetSession or EndSession: applied in its turn, without inference."""
-
-    kind: str  # "reset" | "end"
-    session_id: str
-    keys: list[str]
-    future: asyncio.Future[SessionStatus]
-    deadline: float | None
-    t0: float
-    method: str
-    rows: int = 0
-    steps: int = 0
-
-
-Job = StepJob | OpJob | Rollout
-
-
-@dataclass(eq=False, slots=True)
-class _Part:
-    """Rows of one tick that share a step count: the step rows first, then roll-out rows."""
-
-    x: np.ndarray
-    h: np.ndarray
-    c: np.ndarray
-    rows: np.ndarray  # global step-row indices of the first len(rows) batch rows
-    rollouts: list[Rollout]
-
-
-@dataclass(eq=False, slots=True)
-class _Tick:
-    jobs: list[StepJob]
-    offsets: np.ndarray  # first global row of each job
-    plan: P.Plan
-    ok: np.ndarray  # bool [jobs]: planned without error
-    keys: list[str]
-    digests: np.ndarray
-    created: np.ndarray  # rows whose session this tick created
-    parts: list[_Part]
-    owner: np.ndarray | None  # int64 [rows]: the job of each row (None: one job)
-    reset: np.ndarray  # bool [rows]
+STEP = "Step"  # the method every step request is counted under
 
 
 class Scheduler:
@@ -166,10 +85,9 @@ class Scheduler:
         self._closed = False
         # Batches in the executor, oldest first. Their sessions are disjoint: a request on a
         # session that one of them holds waits until it is committed.
-        self._inflight: list[_Tick] = []
+        self._inflight: list[Tick] = []
         self._admitted: list[Job] = []  # taken from the queue by the current tick
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._req_counters: dict[tuple[str, str], object] = {}
         self.ticks = 0
         # Set when the inference worker died or stalled: the model then refuses all work.
         self.broken: str | None = None
@@ -346,15 +264,19 @@ class Scheduler:
             return
         if len(jobs) == 1 and not self.rollouts and jobs[0].rows == 1 and self._single(jobs[0]):
             return
-        tick = self._prepare(jobs, taken)
+        tick = build(self.store, jobs, self.rollouts, taken, self.limits.cap_policy, self.label)
+        if tick.evicted:
+            self.probes.evicted_lru.inc(tick.evicted)
+        for j, exc in tick.failures:
+            self._fail(jobs[j], exc)
         if not tick.parts:
             self._finish(tick, [])
             return
         total = sum(p.x.shape[0] * p.x.shape[1] for p in tick.parts)
         if total <= self.limits.inline_max_steps:
-            self._finish(tick, self._run_parts(tick.parts))
+            self._finish(tick, self._run(tick.parts))
             return
-        fut = self.loop.run_in_executor(self._executor, self._run_parts, tick.parts)
+        fut = self.loop.run_in_executor(self._executor, self._run, tick.parts)
         self._inflight.append(tick)
         if len(self._inflight) == 1:
             self._arm_stall()
@@ -373,11 +295,14 @@ class Scheduler:
                 f"inference stalled for over {self.limits.stall_s:g}s",
             )
 
-    def _done(self, tick: _Tick, fut: asyncio.Future[list[Outputs | BaseException]]) -> None:
+    def _run(self, parts: list[Part]) -> list[Outputs | BaseException]:
+        return run_parts(self.runtime, parts, self.limits.max_batch, self.probes, self.label)
+
+    def _done(self, tick: Tick, fut: asyncio.Future[list[Outputs | BaseException]]) -> None:
         if tick not in self._inflight:
             return  # the model was marked broken while this ran: its callers have their answer
         exc = fut.exception()
-        if exc is not None:  # _run_parts contains each batch's errors: this is the worker
+        if exc is not None:  # run_parts contains each batch's errors: this is the worker
             self._break(f"inference worker failed ({type(exc).__name__})", exc)
             return
         self._inflight.remove(tick)
@@ -419,19 +344,17 @@ class Scheduler:
         if frame.end is not None and bool(frame.end[0]):
             return False
         store, key = self.store, job.keys[0]
-        seq = int(frame.seq[0])
         slot = store.slots.get(key)
+        action = P.plan_one(store, slot, int(frame.seq[0]))
+        if action < 0 or (action == P.NEW and store.free == 0):
+            return False  # a retry, a gap, not found or the cap: the general path says which
         if slot is None:
-            if seq > 0 or seq == CONTINUE or store.free == 0:
-                return False  # not found, or the cap: the general path says which
             layers, _, hidden = store.h.shape
             h = np.zeros((layers, 1, hidden), np.float32)
             c = h
             base = 0
         else:
             base = int(store.next_seq[slot])
-            if seq >= 0 and seq != base:
-                return False  # a retry or a gap
             h = store.h[:, slot : slot + 1].copy()
             c = store.c[:, slot : slot + 1].copy()
         digests = digest(x)
@@ -450,199 +373,22 @@ class Scheduler:
         if slot is None:
             slot = int(store.create([key], now)[0])
             self.probes.sessions.set(len(store))
+        # The general path's commit, on one row: state, replay entry, recency.
         slots = np.array([slot], np.int64)
         nxt = np.array([base + t], np.int64)
-        store.commit(slots, hn, cn, y[:, -1], nxt)
         seqs = np.array([base], np.int64)
-        entry = ReplayEntry(
-            y, seqs, store.gen[slots], frame.reset, nxt, store.replay[slots],
-            store.replay_row[slots], digests,
-        )  # fmt: skip
-        if self.replay.add(entry):
-            store.replay[slot] = entry
-            store.replay_row[slot] = 0
+        store.commit(slots, hn, cn, y[:, -1], nxt)
+        store.record(self.replay, slots, y, seqs, frame.reset, nxt, digests)
         store.touch(job.keys, slots, now)
         if not job.future.done():
-            job.future.set_result(StepResult(frame.ids, seqs, nxt, _NOT_REPLAYED1, y))
+            job.future.set_result(StepResult(frame.ids, seqs, nxt, NOT_REPLAYED1, y))
         self.probes.step_latency.observe(time.perf_counter() - job.t0)
         self._count(job.method, "OK")
         return True
 
-    def _prepare(self, jobs: list[StepJob], taken: set[str]) -> _Tick:
-        store = self.store
-        n_jobs = len(jobs)
-        if n_jobs == 0:  # roll-outs only
-            keys, blocks = [], []
-            seq, reset = np.empty(0, np.int64), np.empty(0, bool)
-            offsets = np.empty(0, np.int64)
-        elif n_jobs == 1:
-            f = jobs[0].frame
-            keys = jobs[0].keys
-            seq, reset = f.seq, f.reset
-            blocks = [(b.rows, b.x) for b in f.blocks]
-            offsets = np.zeros(1, np.int64)
-        else:
-            seq = np.concatenate([j.frame.seq for j in jobs])
-            reset = np.concatenate([j.frame.reset for j in jobs])
-            counts = np.fromiter((j.rows for j in jobs), np.int64, n_jobs)
-            if len(seq) == n_jobs:  # streamed sessions: one row (and one block) per job
-                keys = [j.keys[0] for j in jobs]
-                offsets = np.arange(n_jobs, dtype=np.int64)
-                xs = [j.frame.blocks[0].x for j in jobs]
-                t0 = xs[0].shape[1]
-                if all(x.shape[1] == t0 for x in xs):
-                    blocks = [(offsets, np.concatenate(xs))]
-                else:
-                    blocks = [(offsets[i : i + 1], x) for i, x in enumerate(xs)]
-            else:
-                keys = [k for j in jobs for k in j.keys]
-                offsets = np.zeros(n_jobs, np.int64)
-                np.cumsum(counts[:-1], out=offsets[1:])
-                blocks = [(b.rows + off, b.x) for j, off in zip(jobs, offsets.tolist(), strict=True) for b in j.frame.blocks]  # fmt: skip
-        n = len(keys)
-        steps = np.empty(n, np.int64)
-        digests = np.empty(n, np.uint64)
-        # Step rows grouped by step count: one digest per group (a row's digest is its own),
-        # and each group is one part's input below.
-        by_t: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for rows_, x in blocks:
-            by_t.setdefault(x.shape[1], []).append((rows_, x))
-        groups: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for t, group in by_t.items():
-            if len(group) == 1:
-                rows_, x = group[0]
-            else:
-                rows_ = np.concatenate([g[0] for g in group])
-                x = np.concatenate([g[1] for g in group])
-            steps[rows_] = t
-            digests[rows_] = digest(x)
-            groups[t] = (rows_, x)
-        slots = store.lookup(keys)
-        plan = P.plan_rows(store, slots, seq, reset, steps, digests)
-        owner = None
-        if n_jobs > 1:
-            owner = offsets if n == n_jobs else np.repeat(np.arange(n_jobs), counts)
-        ok = np.ones(n_jobs, bool)
-        action = plan.action
-        bad = (action == P.GAP) | (action == P.NOT_FOUND) | (action == P.MISMATCH)
-        if bad.any():
-            for i in np.flatnonzero(bad).tolist():
-                j = 0 if owner is None else int(owner[i])
-                if ok[j]:
-                    ok[j] = False
-                    self._fail(jobs[j], self._row_error(plan, jobs[j], i - int(offsets[j]), i))
-        # Room for new sessions, request by request in arrival order.
-        new = action == P.NEW
-        created: list[np.ndarray] = []
-        if new.any():
-            new_rows = np.flatnonzero(new)
-            per_job = (
-                np.array([len(new_rows)])
-                if owner is None
-                else np.bincount(owner[new_rows], minlength=n_jobs)
-            )
-            for j in np.flatnonzero(per_job).tolist():
-                if not ok[j]:
-                    continue
-                try:
-                    evicted = store.make_room(
-                        int(per_job[j]), self.limits.cap_policy, taken, self.label
-                    )
-                except ServiceError as exc:
-                    ok[j] = False
-                    self._fail(jobs[j], exc)
-                    continue
-                if evicted:
-                    self.probes.evicted_lru.inc(len(evicted))
-                mine = new_rows if owner is None else new_rows[owner[new_rows] == j]
-                new_keys = [keys[i] for i in mine.tolist()]
-                plan.slots[mine] = store.create(new_keys)
-                created.append(mine)
-        runs = plan.runs
-        if not ok.all():
-            runs &= ok if owner is None else ok[owner]
-        # Parts: step rows grouped by step count, then the roll-outs' rows.
-        empty = np.empty(0, np.int64)
-        for r in self.rollouts:
-            assert r.pending_x is not None
-            groups.setdefault(r.pending_x.shape[1], (empty, r.pending_x[:0]))
-        parts: list[_Part] = []
-        zero = action == P.RESET
-        for t, (rows_, x) in groups.items():
-            xs, hs, cs = [], [], []
-            if len(rows_):
-                sel = runs[rows_]
-                if not sel.all():
-                    rows_, x = rows_[sel], x[sel]
-                s = plan.slots[rows_]
-                # take, not store.h[:, s]: fancy indexing on the middle axis lays the copy out
-                # batch-first, and making that C-contiguous for ONNX Runtime cost 25x the gather.
-                h, c = np.take(store.h, s, axis=1), np.take(store.c, s, axis=1)
-                z = zero[rows_]
-                if z.any():
-                    h[:, z] = 0.0
-                    c[:, z] = 0.0
-                xs, hs, cs = [x], [h], [c]
-            rs = [r for r in self.rollouts if r.pending_x is not None and r.pending_x.shape[1] == t]
-            if rs:
-                xs += [r.pending_x for r in rs if r.pending_x is not None]
-                hs.append(np.stack([r.h for r in rs], axis=1))
-                cs.append(np.stack([r.c for r in rs], axis=1))
-            if not xs or sum(len(a) for a in xs) == 0:
-                continue
-            if len(xs) == 1:
-                parts.append(_Part(xs[0], hs[0], cs[0], rows_, rs))
-            else:
-                parts.append(
-                    _Part(
-                        np.concatenate(xs),
-                        np.concatenate(hs, axis=1),
-                        np.concatenate(cs, axis=1),
-                        rows_,
-                        rs,
-                    )
-                )
-        created_rows = np.concatenate(created) if created else np.empty(0, np.int64)
-        return _Tick(jobs, offsets, plan, ok, keys, digests, created_rows, parts, owner, reset)
-
-    def _run_parts(self, parts: list[_Part]) -> list[Outputs | BaseException]:
-        """Run every part (in the executor or inline): outputs, or the exception it raised."""
-        out: list[Outputs | BaseException] = []
-        mb = self.limits.max_batch
-        for p in parts:
-            t0 = time.perf_counter()
-            b = p.x.shape[0]
-            try:
-                if b <= mb:
-                    res = self.runtime.run(
-                        p.x, np.ascontiguousarray(p.h), np.ascontiguousarray(p.c)
-                    )
-                else:
-                    chunks = [
-                        self.runtime.run(
-                            p.x[i : i + mb],
-                            np.ascontiguousarray(p.h[:, i : i + mb]),
-                            np.ascontiguousarray(p.c[:, i : i + mb]),
-                        )
-                        for i in range(0, b, mb)
-                    ]
-                    res = (
-                        np.concatenate([ch[0] for ch in chunks]),
-                        np.concatenate([ch[1] for ch in chunks], axis=1),
-                        np.concatenate([ch[2] for ch in chunks], axis=1),
-                    )
-                out.append(res)
-            except Exception as exc:
-                logger.exception("%s: inference failed for a batch of %d rows", self.label, b)
-                out.append(exc)
-            finally:
-                self.probes.inference_seconds.observe(time.perf_counter() - t0)
-                self.probes.batch_size.observe(b)
-        return out
-
-    def _finish(self, tick: _Tick, results: list[Outputs | BaseException]) -> None:
+    def _finish(self, tick: Tick, results: list[Outputs | BaseException]) -> None:
         try:
-            self._commit(tick, results)
+            self._resolve(commit(self.store, self.replay, tick, results, time.monotonic()))
         except Exception as exc:  # a bug here must not leave callers waiting forever
             logger.exception("%s: commit failed", self.label)
             for job in tick.jobs:
@@ -653,221 +399,28 @@ class Scheduler:
             if self.rollouts or (self.pending and self._runnable()):
                 self._kick()
 
-    def _commit(self, tick: _Tick, results: list[Outputs | BaseException]) -> None:
-        store, plan, jobs = self.store, tick.plan, tick.jobs
-        n = len(tick.keys)
-        owner = tick.owner
-        ok = tick.ok
-        # A job fails whole when any of its parts failed: nothing of it is committed.
-        row_part = np.full(n, -1, np.int64)
-        row_pos = np.zeros(n, np.int64)
-        steps_run = 0
-        for pi, (part, res) in enumerate(zip(tick.parts, results, strict=True)):
-            k = len(part.rows)
-            row_part[part.rows] = pi
-            row_pos[part.rows] = np.arange(k)
-            if isinstance(res, BaseException):
-                if k:
-                    for j in np.unique(part.rows if owner is None else owner[part.rows]).tolist():
-                        j = 0 if owner is None else j
-                        if ok[j]:
-                            ok[j] = False
-                            self._fail(jobs[j], RuntimeError("inference failed"))
-                for r in part.rollouts:
-                    if r in self.rollouts:
-                        self.rollouts.remove(r)
-                    self._fail(r, RuntimeError("inference failed"))
-            else:
-                steps_run += part.x.shape[0] * part.x.shape[1]
-        if steps_run:
-            self.probes.steps.inc(steps_run)
-        # Sessions created for requests that failed are removed again.
-        if len(tick.created):
-            failed = ~(np.repeat(ok, n) if owner is None else ok[owner])[tick.created]
-            if failed.any():
-                store.remove([tick.keys[i] for i in tick.created[failed].tolist()])
-        now = time.monotonic()
-        action = plan.action
-        runs = plan.runs & (ok if owner is None else ok[owner])
-        for part, res in zip(tick.parts, results, strict=True):
-            if isinstance(res, BaseException):
-                continue
-            y, hn, cn = res
-            k = len(part.rows)
-            if k:
-                sel = runs[part.rows]
-                rows_ = part.rows if sel.all() else part.rows[sel]
-                pos = slice(None, k) if sel.all() else np.flatnonzero(sel)
-                if len(rows_):
-                    t = part.x.shape[1]
-                    slots = plan.slots[rows_]
-                    resets = action[rows_] == P.RESET
-                    if resets.any():
-                        rs = slots[resets]
-                        store.gen[rs] = store.new_generations(len(rs))
-                        store.replay[rs] = None
-                    store.commit(slots, hn[:, pos], cn[:, pos], y[pos, -1], plan.base[rows_] + t)
-            for i, r in enumerate(part.rollouts):
-                r.advance(y[k + i], hn[:, k + i], cn[:, k + i])
-        # Answers, replay entries and futures.
-        observe = self.probes.step_latency.observe
-        t_end = time.perf_counter()
-        if n and self._answer_all(tick, results, runs, now, t_end):
-            jobs = []  # answered together
-        for j, job in enumerate(jobs):
-            if not ok[j]:
-                continue
-            off = int(tick.offsets[j])
-            sl = slice(off, off + job.rows)
-            result = self._answer(job, sl, tick, results, row_part, row_pos, now)
-            if not job.future.done():
-                job.future.set_result(result)
-            observe(t_end - job.t0)
-            self._count(job.method, "OK")
-        self._end_sessions(tick)
+    def _resolve(self, out: Outcome) -> None:
+        """What a commit decided: failures, answers, their latencies and counts."""
+        if out.steps_run:
+            self.probes.steps.inc(out.steps_run)
+        inference_failed = RuntimeError("inference failed")
+        for job in out.failed:
+            self._fail(job, inference_failed)
+        for r in out.failed_rollouts:
+            if r in self.rollouts:
+                self.rollouts.remove(r)
+            self._fail(r, inference_failed)
+        if out.answered:
+            t_end = time.perf_counter()
+            for job, result in out.answered:
+                if not job.future.done():
+                    job.future.set_result(result)
+            n = len(out.answered)
+            t0s = np.fromiter((job.t0 for job, _ in out.answered), np.float64, n)
+            self.probes.step_latency.observe_many(t_end - t0s)
+            self.probes.requests(STEP, "OK").inc(n)
         self._advance_rollouts()
-        self.probes.sessions.set(len(store))
-
-    def _end_sessions(self, tick: _Tick) -> None:
-        """Remove the sessions that requests applied in this tick asked to end."""
-        ended: list[str] = []
-        for j, job in enumerate(tick.jobs):
-            end = job.frame.end
-            if end is not None and tick.ok[j] and end.any():
-                ended += [job.keys[i] for i in np.flatnonzero(end).tolist()]
-        if ended:
-            self.store.remove(ended, ended=True)
-
-    def _answer_all(
-        self,
-        tick: _Tick,
-        results: list[Outputs | BaseException],
-        runs: np.ndarray,
-        now: float,
-        t_end: float,
-    ) -> bool:
-        """The common case, over the whole tick at once: every row of every request ran, in
-        one part, in row order. One replay entry then holds the tick's answers."""
-        if len(tick.parts) != 1 or not runs.all() or len(tick.parts[0].rows) != len(runs):
-            return False
-        res = results[0]
-        jobs = tick.jobs
-        singles = len(jobs) == len(runs)  # one row per job: uniform by construction
-        if isinstance(res, BaseException) or not (singles or all(j.frame.uniform for j in jobs)):
-            return False
-        store, plan = self.store, tick.plan
-        n = len(runs)
-        y = res[0][:n]
-        slots = plan.slots
-        base = plan.base
-        next_seq = base + y.shape[1]
-        entry = ReplayEntry(
-            y, base, store.gen[slots], tick.reset, next_seq, store.replay[slots],
-            store.replay_row[slots], tick.digests,
-        )  # fmt: skip
-        if self.replay.add(entry):
-            store.replay[slots] = entry
-            store.replay_row[slots] = np.arange(n)
-        store.touch(tick.keys, slots, now)
-        if singles:
-            # One-row views made in C (list() of a reshape) cost less than four slices a job.
-            views = list(base[:, None]), list(next_seq[:, None]), list(y[:, None])
-            for job, b, ns, yj in zip(jobs, *views, strict=True):
-                if not job.future.done():
-                    job.future.set_result(StepResult(job.frame.ids, b, ns, _NOT_REPLAYED1, yj))
-        else:
-            replayed = np.zeros(n, bool)
-            for job, off in zip(jobs, tick.offsets.tolist(), strict=True):
-                end = off + job.rows
-                if not job.future.done():
-                    job.future.set_result(
-                        StepResult(
-                            job.frame.ids, base[off:end], next_seq[off:end], replayed[off:end],
-                            y[off:end],
-                        )
-                    )  # fmt: skip
-        t0s = np.fromiter((j.t0 for j in jobs), np.float64, len(jobs))
-        self.probes.step_latency.observe_many(t_end - t0s)
-        self.probes.requests("Step", "OK").inc(len(jobs))
-        return True
-
-    def _answer(
-        self,
-        job: StepJob,
-        sl: slice,
-        tick: _Tick,
-        results: list[Outputs | BaseException],
-        row_part: np.ndarray,
-        row_pos: np.ndarray,
-        now: float,
-    ) -> StepResult:
-        store, plan = self.store, tick.plan
-        action = plan.action[sl]
-        n = job.rows
-        parts = row_part[sl]
-        pos = row_pos[sl]
-        applied = (action == P.APPLY) | (action == P.NEW) | (action == P.RESET)
-        y: np.ndarray | list[np.ndarray]
-        p0 = int(parts[0])
-        if applied.all() and (parts == p0).all() and int(pos[-1]) - int(pos[0]) == n - 1:
-            res = results[p0]
-            assert not isinstance(res, BaseException)
-            y = res[0][int(pos[0]) : int(pos[0]) + n]
-        else:
-            rows_y: list[np.ndarray] = []
-            for i in range(n):
-                if applied[i]:
-                    res = results[int(parts[i])]
-                    assert not isinstance(res, BaseException)
-                    rows_y.append(res[0][int(pos[i])])
-                else:
-                    f = plan.found[sl.start + i]
-                    assert f.entry.y is not None
-                    rows_y.append(f.entry.y[f.row])
-            y = np.stack(rows_y) if job.frame.uniform else rows_y
-        slots = plan.slots[sl]
-        base = plan.base[sl]
-        if isinstance(y, np.ndarray):
-            steps = np.full(n, y.shape[1], np.int64)
-        else:
-            steps = np.fromiter((len(a) for a in y), np.int64, n)
-        next_seq = base + steps
-        replayed = ~applied
-        if replayed.any():
-            for i in np.flatnonzero(replayed).tolist():
-                f = plan.found[sl.start + i]
-                next_seq[i] = int(f.entry.next_seq[f.row])
-        if applied.any():
-            a_slots = slots if applied.all() else slots[applied]
-            entry = ReplayEntry(
-                y, base, store.gen[slots].copy(), job.frame.reset, next_seq,
-                store.replay[slots].copy(), store.replay_row[slots].copy(),
-                tick.digests[sl],
-            )  # fmt: skip
-            if self.replay.add(entry):
-                store.replay[a_slots] = entry
-                store.replay_row[a_slots] = np.flatnonzero(applied)
-            if applied.all():
-                a_keys = job.keys
-            else:
-                a_keys = [job.keys[i] for i in np.flatnonzero(applied).tolist()]
-            store.touch(a_keys, a_slots, now)
-        return StepResult(job.frame.ids, base, next_seq, replayed, y)
-
-    @staticmethod
-    def _row_error(plan: P.Plan, job: StepJob, i: int, g: int) -> ServiceError:
-        """The error of row i of job (row g of the tick)."""
-        sid = job.frame.ids[i]
-        a = int(plan.action[g])
-        if a == P.NOT_FOUND:
-            return SessionNotFound(sid)
-        if a == P.MISMATCH:
-            return FailedPrecondition(
-                f"session {sid!r}: seq {int(job.frame.seq[i])} was already applied with "
-                f"different inputs (other values or another number of steps); a retry must resend the "
-                f"same steps; expected seq {int(plan.expected[g])}"
-            )
-        return SeqGap(sid, int(plan.expected[g]), int(job.frame.seq[i]))
+        self.probes.sessions.set(len(self.store))
 
     # -- roll-outs, session operations, expiry ------------------------------------------------
 

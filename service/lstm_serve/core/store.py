@@ -254,6 +254,49 @@ class SessionStore:
         if self.journal is not None:
             self.journal.changed(slots)
 
+    def renew(self, slots: np.ndarray) -> None:
+        """A new generation for reset sessions: their earlier answers are never replayed."""
+        self.gen[slots] = self.new_generations(len(slots))
+        self.replay[slots] = None
+
+    def forget_answers(self, slots: np.ndarray) -> None:
+        """No answer of these sessions is replayable any more (steps applied without one)."""
+        self.replay[slots] = None
+
+    def record(
+        self,
+        cache: ReplayCache,
+        slots: np.ndarray,
+        y: np.ndarray | list[np.ndarray],
+        seq: np.ndarray,
+        reset: np.ndarray,
+        next_seq: np.ndarray,
+        digests: np.ndarray,
+        applied: np.ndarray | None = None,
+    ) -> None:
+        """One replay entry for the answers of one request (or of a tick's requests), chained
+        to each session's previous entry; the sessions whose rows were applied (all, when
+        applied is None) then point at it. A retry finds its answer by walking that chain."""
+        entry = ReplayEntry(
+            y, seq, self.gen[slots], reset, next_seq, self.replay[slots], self.replay_row[slots],
+            digests,
+        )  # fmt: skip
+        if not cache.add(entry):
+            return  # larger than the whole cache: those requests cannot be replayed
+        if applied is None:
+            self.replay[slots] = entry
+            self.replay_row[slots] = 0 if len(slots) == 1 else np.arange(len(slots))
+        else:
+            rows = np.flatnonzero(applied)
+            self.replay[slots[rows]] = entry
+            self.replay_row[slots[rows]] = rows
+
+    def chain(self, slot: int, entry: ReplayEntry) -> None:
+        """Make entry (row 0) the newest answer of a slot's session (answers loaded from a
+        shared store, or from a snapshot)."""
+        self.replay[slot] = entry
+        self.replay_row[slot] = 0
+
     def expired(self, ttl_s: float, now: float, protect: set[str]) -> list[str]:
         """Sessions idle for longer than ttl_s, from the least recently used on."""
         out = []
@@ -338,5 +381,4 @@ class SessionStore:
                 np.full(1, None, object), np.zeros(1, np.int64), r.digest[k : k + 1].copy(),
             )  # fmt: skip
             if cache.add(entry):
-                self.replay[slot] = entry
-                self.replay_row[slot] = 0
+                self.chain(slot, entry)

@@ -12,26 +12,38 @@ claims it again, and the client's retry reaches whichever replica owns it.
 acked mode gates answers (acked()) on the write that carries them: an answered step is in the
 store. In early mode answers go out at once and a crash loses at most the steps not yet
 written (one batch in flight plus what queued behind it); the store's next_seq says which.
+When an early answer's write is refused or fails, this replica remembers the session's
+answered but unstored seqs and refuses its next request (FAILED_PRECONDITION), so that the
+client re-reads the session instead of continuing on a history that lacks its steps.
+
+Sessions that live for one request only (the Open Inference Protocol without a sequence id:
+reset and ended in the request that made them, under ids no client chooses) never touch the
+store. Store errors reach clients as one fixed message; their detail goes to the log, and
+StoreHealth tells the server when the store refuses this replica (credentials, TLS).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from lstm_serve.core.errors import ServiceError, Unavailable
+from lstm_serve.core.errors import FailedPrecondition, ServiceError, Unavailable
+from lstm_serve.core.frame import Frame
+from lstm_serve.core.jobs import Job, OpJob, StepJob
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.remote import Claim, Remote, Reply, State, StoreDown, Write
 from lstm_serve.core.replay import ReplayEntry
 
 if TYPE_CHECKING:
-    from lstm_serve.core.scheduler import Job, Scheduler
+    from lstm_serve.core.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +59,18 @@ class AnswerMode(StrEnum):
 
 Failed = frozenset[str]  # the keys of a batch whose write did not land
 
+# The ids server/kserve_convert.py gives the sessions of an Open Inference Protocol request
+# without a sequence id: each is reset and ended by that request, and no other request names it.
+PRIVATE = "~oip/"
+# Sessions whose answered steps were not stored, remembered (early mode) until the client is
+# told; the oldest are forgotten past this many.
+LOST_MAX = 65_536
+
 
 class Owned:
     """This replica's claim on a session: the epoch, and the store's version of it."""
 
-    __slots__ = ("claimed", "epoch", "gen", "version", "written")
+    __slots__ = ("claimed", "epoch", "gen", "sent", "version", "written")
 
     def __init__(self, epoch: int, version: int, claimed: float, written: int) -> None:
         self.epoch = epoch
@@ -59,11 +78,122 @@ class Owned:
         self.claimed = claimed  # perf_counter() when the claim was sent
         self.written = written  # next_seq as the store has it: newer replies are to write
         self.gen = -1  # the store's replies are of this local generation (-1: none yet)
+        self.sent = False  # a write of it has gone out under this claim
+
+
+class Lost:
+    """Answers of one session that were given (early mode) but not stored."""
+
+    __slots__ = ("at", "end", "ended", "first", "reset", "told")
+
+    def __init__(self, first: int, end: int, ended: bool, reset: bool) -> None:
+        self.first = first  # the store's next_seq: the first answered seq it lacks
+        self.end = end  # the next_seq the answers reached
+        self.ended = ended  # an EndSession (or sequence end) was answered, not stored
+        self.reset = reset  # a reset was among the answers
+        self.at = time.monotonic()
+        self.told = 0.0  # perf_counter() of the first refusal (0: not yet)
+
+    def message(self, session_id: str) -> str:
+        if self.ended:
+            what = "its end was answered here but not stored"
+        elif self.reset or self.end <= self.first:
+            what = f"the steps answered here up to seq {self.end - 1} were not stored"
+        else:
+            what = f"seq {self.first} to {self.end - 1} were answered here but not stored"
+        return (
+            f"session {session_id!r}: {what}, because another replica took the session over "
+            f"or the session store failed; read the session (GetSession) and resend from the "
+            f"seq it gives (or reset it)"
+        )
+
+
+class StoreHealth:
+    """How the replica gets on with its shared store (one per engine, shared by its models).
+
+    Store errors are logged here, each distinct message once a minute; clients only ever get
+    a fixed message. When the store refuses this replica (credentials, TLS, permissions) the
+    replica is misconfigured: `refused` says why and on_change tells the server, which turns
+    its health NOT_SERVING so that the load balancer routes elsewhere; a probe then retries
+    the store every PROBE_S until it accepts the replica again. A plain connection failure is
+    the store's outage, shared by every replica: health stays as it is."""
+
+    PROBE_S = 2.0
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, probe: Callable[[], Awaitable[None]]) -> None:
+        self.refused: str | None = None
+        self.on_change: Callable[[str | None], None] | None = None
+        self._probe = probe
+        self._logged: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def failed(self, what: str, exc: StoreDown) -> None:
+        now = time.monotonic()
+        msg = str(exc)
+        last = self._logged.get(msg)
+        if last is None or now - last >= self.LOG_EVERY_S:
+            if len(self._logged) >= 256:  # distinct messages (ports, addresses) stay bounded
+                self._logged.clear()
+            self._logged[msg] = now
+            logger.warning("session store: %s failed: %s", what, msg)
+        if exc.refused and self.refused is None:
+            self.refused = msg
+            logger.error(
+                "the session store refuses this replica (%s): health is NOT_SERVING until it "
+                "accepts it again (checked every %gs)", msg, self.PROBE_S,
+            )  # fmt: skip
+            if self._task is None:
+                self._task = asyncio.ensure_future(self._probe_until_accepted())
+            self._changed()
+
+    async def check(self) -> None:
+        """Ask the store now; raises StoreDown when it fails."""
+        await self._probe()
+        self.ok()
+
+    def ok(self) -> None:
+        """A store call succeeded."""
+        if self.refused is not None:
+            logger.warning("the session store accepts this replica again")
+            self.refused = None
+            self._changed()
+
+    async def _probe_until_accepted(self) -> None:
+        try:
+            while self.refused is not None:
+                await asyncio.sleep(self.PROBE_S)
+                try:
+                    await self._probe()
+                except StoreDown as exc:
+                    if exc.refused:
+                        continue
+                    self.failed("a check", exc)  # down now, not refusing: an outage
+                self.ok()
+        finally:
+            self._task = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.refused)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class StateSync:
     def __init__(
-        self, scheduler: Scheduler, remote: Remote, probes: Probes, acked: bool, replies: int
+        self,
+        scheduler: Scheduler,
+        remote: Remote,
+        probes: Probes,
+        acked: bool,
+        replies: int,
+        health: StoreHealth | None = None,
+        ttl_s: float = 3600.0,
     ) -> None:
         self.sched = scheduler
         self.store = scheduler.store
@@ -71,7 +201,11 @@ class StateSync:
         self.probes = probes
         self.acked_mode = acked
         self.replies = replies  # kept per session in the store
+        self.health = health or StoreHealth(remote.check)
+        self.ttl_s = ttl_s
         self.owned: dict[str, Owned] = {}
+        # early mode: key -> answers given but not stored, until the client is told
+        self.lost: OrderedDict[str, Lost] = OrderedDict()
         # key -> the future of the write that will carry its newest state
         self.pending: dict[str, asyncio.Future[Failed]] = {}
         self._loading: set[str] = set()
@@ -109,6 +243,10 @@ class StateSync:
                 continue
             if ended:
                 self._dirty.pop(key, None)
+                if o.version == 0 and not o.sent:
+                    # Created here and never written: nothing to delete, no write to wait for.
+                    self.pending.pop(key, None)
+                    continue
                 self._ended[key] = o
                 self._mark(key)
             elif key in self._dirty:
@@ -124,6 +262,8 @@ class StateSync:
     def ready(self, job: Job) -> bool:
         """Whether this replica owns every session of job; if not, loads them and says wait."""
         keys = job.keys
+        if self.lost and self._tell_lost(job):
+            return False
         owned = self.owned
         if all(k in owned for k in keys) and not self._stale(job):
             return True
@@ -131,16 +271,71 @@ class StateSync:
             for k in keys:
                 exc = self._failed_now.get(k)
                 if exc is not None:
-                    self.sched._fail(job, exc)  # stays queued, done: the next tick drops it
+                    self._refuse(job, exc)
                     return False
-        for k in keys:
-            if k not in owned and k not in self._loading:
+        missing = [k for k in keys if k not in owned]
+        if isinstance(job, StepJob) and job.frame.end is not None:
+            missing = self._needed(job.frame, keys, missing)
+            if not missing:
+                return True
+        for k in missing:
+            if k not in self._loading:
                 self._loading.add(k)
                 self._want.append(k)
         if self._want and not self._load_soon:
             self._load_soon = True
             self._spawn(self._load())
         return False
+
+    @staticmethod
+    def _needed(frame: Frame, keys: list[str], missing: list[str]) -> list[str]:
+        """The missing sessions that must be claimed: not the private one-request sessions
+        (reset and ended by this request; nothing of them is read or written)."""
+        assert frame.end is not None
+        once = frame.reset & frame.end
+        if not once.any():
+            return missing
+        skip = {keys[i] for i in np.flatnonzero(once).tolist() if frame.ids[i].startswith(PRIVATE)}
+        return [k for k in missing if k not in skip]
+
+    def _tell_lost(self, job: Job) -> bool:
+        """Early mode: refuse a request on a session whose answered steps were not stored,
+        and every request on it that was already queued then (a stream's pipeline); the first
+        request that comes after the refusal, or one that resets or ends the session, goes on."""
+        lost = self.lost
+        now = time.monotonic()
+        for i, key in enumerate(job.keys):
+            entry = lost.get(key)
+            if entry is None:
+                continue
+            if now - entry.at > self.ttl_s or _restarts(job, i) or (0 < entry.told < job.t0):
+                del lost[key]
+                continue
+            if not entry.told:
+                entry.told = time.perf_counter()
+            self._refuse(job, FailedPrecondition(entry.message(_session_id(job, i))))
+            return True
+        return False
+
+    def _refuse(self, job: Job, exc: ServiceError) -> None:
+        """Fail a job at admission. It stays queued, done, until the next tick drops it; that
+        tick, kicked now, then looks at the jobs behind it on its sessions."""
+        self.sched._fail(job, exc)
+        self.sched._kick()
+
+    def _lose(self, key: str, o: Owned, state: State | None) -> None:
+        """Early mode: remember that key's answers since o.written were not stored."""
+        if state is None:
+            entry = Lost(o.written, o.written, True, False)
+        else:
+            entry = Lost(o.written, state.next_seq, False, state.clear and o.gen >= 0)
+        old = self.lost.pop(key, None)
+        if old is not None and not old.told:  # a later batch of the same loss
+            entry.first, entry.reset = old.first, entry.reset or old.reset
+            entry.ended = entry.ended or old.ended
+        self.lost[key] = entry
+        while len(self.lost) > LOST_MAX:
+            self.lost.popitem(last=False)
 
     def _stale(self, job: Job) -> bool:
         """A seq other than the next one of a local copy claimed before the request came:
@@ -187,6 +382,11 @@ class StateSync:
             drops, self._drops = self._drops, []
             gone = [key for key, o in drops if self.owned.get(key) is o]
             if gone:
+                if self.lost:  # steps answered on the copy since its write failed are lost too
+                    for key in gone:
+                        entry, slot = self.lost.get(key), self.store.slot(key)
+                        if entry is not None and slot is not None:
+                            entry.end = max(entry.end, int(self.store.next_seq[slot]))
                 self.store.remove(gone)
                 self.probes.sessions.set(len(self.store))
             self._poisoned.difference_update(key for key, _ in drops)
@@ -252,10 +452,13 @@ class StateSync:
 
     async def peek(self, key: str) -> int | None:
         try:
-            return await self.remote.peek(key)
+            n = await self.remote.peek(key)
         except StoreDown as exc:
             self.probes.store_errors.inc()
-            raise _store_down(exc) from exc
+            self.health.failed("reading a session", exc)
+            raise _store_down() from exc
+        self.health.ok()
+        return n
 
     async def close(self) -> None:
         """Write what is left (drain), then close the connection."""
@@ -280,11 +483,12 @@ class StateSync:
                 claims = await self.remote.claim(keys)
             except StoreDown as exc:
                 self.probes.store_errors.inc()
-                logger.warning("%s: claiming %d sessions failed: %s", self.sched.label, len(keys), exc)  # fmt: skip
-                err = _store_down(exc)
+                self.health.failed(f"{self.sched.label}: claiming sessions", exc)
+                err = _store_down()
                 for k in keys:
                     self._load_failed[k] = err
             else:
+                self.health.ok()
                 self.probes.store_claim_seconds.observe(time.perf_counter() - t0)
                 self._loaded.extend((k, c, t0) for k, c in zip(keys, claims, strict=True))
         finally:
@@ -414,6 +618,7 @@ class StateSync:
             else:
                 writes.append(Write(key, o.epoch, o.version, state))
                 owners.append((o, -1))
+                o.sent = True
         for key in dirty:
             o2 = self.owned.get(key)
             slot = self.store.slot(key)
@@ -422,6 +627,7 @@ class StateSync:
                 continue
             writes.append(Write(key, o2.epoch, o2.version, self._state(slot, o2)))
             owners.append((o2, int(self.store.gen[slot])))
+            o2.sent = True
         for key, o in ended.items():
             writes.append(Write(key, o.epoch, o.version, None))
             owners.append((o, -1))
@@ -448,9 +654,10 @@ class StateSync:
             done = await self.remote.write(writes)
         except StoreDown as exc:
             self.probes.store_errors.inc()
-            logger.warning("%s: writing %d sessions failed: %s", self.sched.label, len(writes), exc)  # fmt: skip
+            self.health.failed(f"{self.sched.label}: writing sessions", exc)
             done = [False] * len(writes)
         else:
+            self.health.ok()
             self.probes.store_write_seconds.observe(time.perf_counter() - t0)
             fenced = done.count(False)
             if fenced:
@@ -464,6 +671,8 @@ class StateSync:
                     o.written, o.gen = w.state.next_seq, gen
             else:
                 failed.add(w.key)
+                if not self.acked_mode:  # answered already: the client must learn it
+                    self._lose(w.key, o, w.state)
                 if w.state is not None:
                     self._poisoned.add(w.key)
                     self._drops.append((w.key, o))
@@ -477,8 +686,22 @@ class StateSync:
         task.add_done_callback(self._tasks.discard)
 
 
-def _store_down(exc: BaseException) -> Unavailable:
-    return Unavailable(f"session store unavailable ({exc}); retry later")
+def _store_down() -> Unavailable:
+    # The cause is in the log (StoreHealth): its text names hosts, ports and libraries.
+    return Unavailable("session store unavailable; retry")
+
+
+def _restarts(job: Job, i: int) -> bool:
+    """Whether job's i-th session starts over (reset) or ends: no history of it continues."""
+    if isinstance(job, StepJob):
+        return bool(job.frame.reset[i])
+    if isinstance(job, OpJob):
+        return job.kind in ("reset", "end")
+    return job.prefix is not None and bool(job.prefix.reset[0])  # a forecast's prefix
+
+
+def _session_id(job: Job, i: int) -> str:
+    return job.frame.ids[i] if isinstance(job, StepJob) else job.session_id
 
 
 def _not_stored() -> Unavailable:

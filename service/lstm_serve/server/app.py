@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 from enum import Enum
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -86,12 +87,25 @@ class LstmServer:
         self.metrics_port = 0
         self.health_port = 0
         self._health_server: grpc.aio.Server | None = None
+        # Bound but not yet started (start() releases them when it fails).
+        self._unstarted: grpc.aio.Server | None = None
+        self._unstarted_health: grpc.aio.Server | None = None
+        self._engine_started = False
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
+        """Bind every port, then load the models and serve. A port that is taken fails before
+        the models load, with a StartupError naming it, and leaves nothing running."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         repo = load_repository(s.model_repository)
         for err in repo.errors:
@@ -100,18 +114,23 @@ class LstmServer:
             raise RuntimeError(f"no loadable model in {s.model_repository}")
         self.engine = Engine(s, repo, self.metrics.probes, self.metrics.count_request)
         self.engine.on_model_failed = self._model_failed
-        await self.engine.start()
         interceptors: list[Interceptor] = [StatusInterceptor(self.metrics)]
         tokens = load_tokens(s.auth_tokens_file, s.auth_tokens)
         if tokens or s.tls_client_ca is not None:
             interceptors.append(AuthInterceptor(tokens, mtls=s.tls_client_ca is not None))
+        if tokens and s.tls_cert is None:
+            logger.warning(
+                "auth tokens are set but TLS is not: bearer tokens cross the network in clear "
+                "text; set --tls-cert and --tls-key (LSTM_SERVE_TLS_CERT, LSTM_SERVE_TLS_KEY), "
+                "or keep the port on a network where TLS ends in front of it"
+            )
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
             *connection_options(s),
         ]
-        server = grpc.aio.server(interceptors=interceptors, options=options)
+        server = self._unstarted = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_LstmServeServicer_to_server(
             self._lstm_servicer
             or LstmServeServicer(self.engine, s.max_inflight_per_stream, s.max_message_bytes),
@@ -131,43 +150,72 @@ class LstmServer:
             ),
             server,
         )
-        address = f"{s.host}:{s.port}"
+        creds = None
         if s.tls_cert is not None and s.tls_key is not None:
             creds = grpc.ssl_server_credentials(
                 [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
                 root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
                 require_client_auth=s.tls_client_ca is not None,
             )
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {address}")
-        await server.start()
-        self.server = server
+        # Every port is bound before the models load (seconds to minutes): a taken port fails
+        # at once. Serving starts after they load.
+        self.port = _bind(server, s.host, s.port, "gRPC", "port", creds)
         if s.metrics_port >= 0:
-            self._metrics_http, self.metrics_port = serve_metrics(
+            self._metrics_http, self.metrics_port = _serve_metrics(
                 self.metrics, s.metrics_host, s.metrics_port
             )
+        health_server = None
         if s.health_port >= 0:
-            await self._start_health_port(s.health_host, s.health_port)
+            # A server of its own: the same health statuses, and nothing else, in plaintext.
+            health_server = self._unstarted_health = grpc.aio.server(
+                options=[("grpc.so_reuseport", 0)]
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            self.health_port = _bind(
+                health_server, s.health_host, s.health_port, "health checks", "health_port"
+            )
+        await self.engine.start()
+        self._engine_started = True
+        await server.start()
+        self.server, self._unstarted = server, None
+        if health_server is not None:
+            # Started after the models loaded: the health servicer answers SERVING for ""
+            # from its creation.
+            await health_server.start()
+            self._health_server, self._unstarted_health = health_server, None
         for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME, *repo.models):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        store = self.engine.store_health
+        if store is not None:
+            store.on_change = self._store_refused
+            if store.refused is not None:
+                self._store_refused(store.refused)
+        metrics_at = (
+            f"{s.metrics_host}:{self.metrics_port}"
+            if self._metrics_http
+            else "off (metrics_port -1)"
+        )
         logger.info(
-            "lstm-serve listening on %s:%d (%s), metrics on %s:%d, models: %s",
-            s.host, self.port, "TLS" if s.tls_cert else "plaintext", s.metrics_host,
-            self.metrics_port, ", ".join(lm.label for lm in self.engine.models.values()),
+            "lstm-serve listening on %s:%d (%s), metrics %s, models: %s",
+            s.host, self.port, "TLS" if s.tls_cert else "plaintext", metrics_at,
+            ", ".join(lm.label for lm in self.engine.models.values()),
         )  # fmt: skip
 
-    async def _start_health_port(self, host: str, port: int) -> None:
-        # A server of its own: the same health statuses, and nothing else, in plaintext.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.health_port = server.add_insecure_port(f"{host}:{port}")
-        if self.health_port == 0:
-            raise RuntimeError(f"could not bind the health port {host}:{port}")
-        await server.start()
-        self._health_server = server
+    async def _release(self) -> None:
+        """Undo a start that failed. Servers left to the garbage collector would try to shut
+        down on a closed event loop ("Event loop is closed") and bury the real error."""
+        for server in (self._unstarted, self._unstarted_health, self.server, self._health_server):
+            if server is not None:
+                await server.stop(None)
+        self._unstarted = self._unstarted_health = self.server = self._health_server = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        # Only a started engine is closed: closing writes a snapshot, and one written by an
+        # engine that never loaded its sessions would replace the sessions on disk.
+        if self.engine is not None and self._engine_started:
+            await self.engine.close()
 
     def _model_failed(self, name: str, reason: str) -> None:
         # A model that cannot answer makes the server unfit for traffic: orchestrators restart
@@ -175,6 +223,26 @@ class LstmServer:
         async def mark() -> None:
             for service in (name, SERVICE_NAME, INFERENCE_SERVICE_NAME, ""):
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        self._background.add(task := asyncio.ensure_future(mark()))
+        task.add_done_callback(self._background.discard)
+
+    def _store_refused(self, reason: str | None) -> None:
+        # A shared store that refuses this replica (its password, its TLS settings) is this
+        # replica's fault, unlike the store's outage: out of the load balancer until the store
+        # accepts it again (reason None), when health follows the models' state again.
+        engine = self.engine
+        assert engine is not None
+
+        async def mark() -> None:
+            up, down = (
+                health_pb2.HealthCheckResponse.SERVING,
+                health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+            for service in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME):
+                await self.health.set(service, up if engine.ready else down)
+            for name in engine.repository.models:
+                await self.health.set(name, up if engine.model_ready(name) else down)
 
         self._background.add(task := asyncio.ensure_future(mark()))
         task.add_done_callback(self._background.discard)
@@ -207,6 +275,67 @@ class LstmServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured (a port is taken); the message says what to change."""
+
+
+def _bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    what: str,
+    setting: str,
+    creds: grpc.ServerCredentials | None = None,
+) -> int:
+    address = f"{host}:{port}"
+    try:
+        bound = (
+            server.add_secure_port(address, creds)
+            if creds is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:  # grpcio raises "Failed to bind to address ..."; older ones return 0
+        bound = 0
+    if bound == 0:
+        raise StartupError(
+            f"cannot listen on {address} for {what} ({_why_not(host, port)}): choose another "
+            f"port with {_flag_and_env(setting)} (0 picks a free one), or another address "
+            f"with {_flag_and_env(setting.replace('port', 'host'))}"
+        )
+    return bound
+
+
+def _why_not(host: str, port: int) -> str:
+    """Why host:port cannot be bound, in the OS's words: gRPC's own error does not say."""
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, addr in infos:
+            with socket.socket(family, kind, proto) as probe:
+                # As gRPC binds: a port left in TIME_WAIT is not "in use".
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(addr)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return "gRPC could not bind it"
+
+
+def _serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[object, int]:
+    try:
+        return serve_metrics(metrics, host, port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): choose another "
+            f"port with {_flag_and_env('metrics_port')} (0 picks a free one, -1 turns metrics "
+            "off)"
+        ) from exc
+
+
+def _flag_and_env(setting: str) -> str:
+    return f"--{setting.replace('_', '-')} or LSTM_SERVE_{setting.upper()}"
 
 
 async def serve(settings: Settings) -> None:
@@ -255,7 +384,14 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "settings"
-            logger.error("invalid setting %s: %s", name, err["msg"])
+            field = Settings.model_fields.get(name)
+            if field is None:
+                logger.error("invalid setting %s: %s", name, err["msg"])
+            else:  # say how it is set and what it means, beside what is wrong
+                logger.error(
+                    "invalid setting %s (%s): %s; %s",
+                    name, _flag_and_env(name), err["msg"], field.description,
+                )  # fmt: skip
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
     try:

@@ -9,9 +9,9 @@ import numpy as np
 
 from lstm_serve.core import frame as F
 from lstm_serve.core.errors import InvalidArgument
+from lstm_serve.core.jobs import SessionStatus, StepResult
 from lstm_serve.core.repository import Kind, Manifest, ModelVersion
 from lstm_serve.core.rollout import ForecastResult
-from lstm_serve.core.scheduler import SessionStatus, StepResult
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 
 F32 = np.dtype("<f4")

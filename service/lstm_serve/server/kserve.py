@@ -13,8 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.errors import ServiceError
+from lstm_serve.core.jobs import StepResult
 from lstm_serve.core.repository import Manifest, ModelVersion
-from lstm_serve.core.scheduler import StepResult
 from lstm_serve.server import kserve_convert as K
 from lstm_serve.server.interceptors import PRINCIPAL
 from lstm_serve.server.limits import answer_limit, check_answer

@@ -24,8 +24,8 @@ from lstm_serve.core.errors import (
     SessionNotFound,
     Unavailable,
 )
+from lstm_serve.core.jobs import StepResult
 from lstm_serve.core.repository import Kind, Manifest, ModelVersion
-from lstm_serve.core.scheduler import StepResult
 from lstm_serve.server.convert import F32, SEQ_LIMIT
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import model_config_pb2 as mc

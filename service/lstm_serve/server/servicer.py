@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.errors import InvalidArgument, ServiceError
+from lstm_serve.core.jobs import StepResult
 from lstm_serve.core.repository import Kind, Manifest
 from lstm_serve.core.rollout import Sampling
-from lstm_serve.core.scheduler import StepResult
 from lstm_serve.server import convert
 from lstm_serve.server.interceptors import PRINCIPAL
 from lstm_serve.server.limits import answer_limit, check_answer

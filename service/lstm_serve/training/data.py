@@ -96,16 +96,38 @@ def chunks_per_epoch(length: int, bptt: int) -> int:
 
 
 def load_csv_series(path: Path, columns: Sequence[str]) -> FloatArray:
-    """Read numeric columns of a CSV (with header) into float32 [T, len(columns)]."""
+    """Read numeric columns of a CSV (with header) into float32 [T, len(columns)].
+
+    A cell that is not a finite float32 fails, naming the file, its line and its column.
+    """
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: no column(s) {missing}; it has {reader.fieldnames}")
-        rows = [[float(row[c]) for c in columns] for row in reader]
-    series = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(columns))
-    if not np.isfinite(series).all():
-        raise ValueError(f"{path}: non-finite values")
+        rows, lines = [], []
+        for row in reader:
+            values = []
+            for c in columns:
+                cell = row[c]
+                try:
+                    values.append(float(cell))
+                except (TypeError, ValueError):  # TypeError: None, the row ends before c
+                    what = "no cell" if cell is None else f"{cell!r}, not a number"
+                    raise ValueError(
+                        f"{path}, line {reader.line_num}, column {c!r}: {what}"
+                    ) from None
+            rows.append(values)
+            lines.append(reader.line_num)
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, reported below
+        series = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(columns))
+    bad = np.argwhere(~np.isfinite(series))
+    if len(bad):
+        i, j = (int(k) for k in bad[0])
+        raise ValueError(
+            f"{path}, line {lines[i]}, column {columns[j]!r}: {rows[i][j]!r}, not a finite "
+            f"float32 ({len(bad)} such cell(s) in all)"
+        )
     return series
 
 

@@ -268,11 +268,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lstm_serve.training.extra import MissingExtra, require_training_extra
+
     try:
+        require_training_extra("export", ("torch", "onnx"))
         target = export_checkpoint(
             load_checkpoint(args.checkpoint), args.out, str(args.version), args.force
         )
-    except (ExportError, OSError) as exc:
+    except (ExportError, MissingExtra, OSError) as exc:
         logger.error("export refused: %s", exc)
         return 1
     print(target)

@@ -4,12 +4,18 @@ Every forecaster here answers the same question: standing at origin o, having se
 and nothing after, what are series[o+1 .. o+H]? Baselines are fitted on the training split,
 their options (lags, trend) chosen on the validation split, and only then run on the test
 split with everything frozen. statsmodels is a training-only dependency (imported lazily).
+
+A fit is not reproducible to the last digit across CPUs: the Holt-Winters optimiser sits on a
+flat error surface, and BLAS kernels that differ between CPUs move where it stops (by up to
+about 5e-4 °C in a score of the bundled forecaster). So every fitted baseline records its
+parameters (`to_params`, written to the manifest) and `baseline_from_record` rebuilds it from
+them: a recorded baseline runs no optimiser, and gives its recorded scores on any CPU.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,17 +48,26 @@ def targets(series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int)
     return out
 
 
-def score(pred: Array, target: Array, columns: Sequence[str]) -> dict[str, Any]:
-    """MAE and RMSE over all origins and steps: the mean over columns, and per column."""
+def score(
+    pred: Array, target: Array, columns: Sequence[str], ndigits: int | None = 5
+) -> dict[str, Any]:
+    """MAE and RMSE over all origins and steps: the mean over columns, and per column.
+
+    Rounded to ndigits decimals (the manifest's figures); None keeps full precision, for
+    comparing a recomputation with a rounded figure without a rounding step of its own.
+    """
     err = np.asarray(pred, np.float64) - np.asarray(target, np.float64)
     mae = np.abs(err).mean(axis=(0, 1))
     rmse = np.sqrt((err**2).mean(axis=(0, 1)))
+
+    def r(v: Any) -> float:
+        return float(v) if ndigits is None else round(float(v), ndigits)
+
     return {
-        "mae": round(float(mae.mean()), 5),
-        "rmse": round(float(rmse.mean()), 5),
+        "mae": r(mae.mean()),
+        "rmse": r(rmse.mean()),
         "per_column": {
-            c: {"mae": round(float(a), 5), "rmse": round(float(b), 5)}
-            for c, a, b in zip(columns, mae, rmse, strict=True)
+            c: {"mae": r(a), "rmse": r(b)} for c, a, b in zip(columns, mae, rmse, strict=True)
         },
     }
 
@@ -75,6 +90,11 @@ class Forecaster(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    def to_params(self) -> dict[str, Any]:
+        """Everything fitted or chosen, JSON-ready at full precision (floats survive JSON
+        exactly): baseline_from_record rebuilds the same forecaster from it."""
+        ...
+
 
 @dataclass
 class Persistence:
@@ -88,6 +108,9 @@ class Persistence:
 
     def describe(self) -> dict[str, Any]:
         return {"rule": "y[o+k] = x[o]"}
+
+    def to_params(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclass
@@ -113,6 +136,9 @@ class SeasonalNaive:
     def describe(self) -> dict[str, Any]:
         return {"rule": f"y[o+k] = x[o+k-{self.period}*ceil(k/{self.period})]"}
 
+    def to_params(self) -> dict[str, Any]:
+        return {"period": self.period}
+
 
 @dataclass
 class VectorAR:
@@ -129,6 +155,20 @@ class VectorAR:
 
         res = VAR(np.asarray(train, np.float64)).fit(lags, trend="c")
         return cls(lags=lags, intercept=np.asarray(res.intercept), coefs=np.asarray(res.coefs))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> VectorAR:
+        """The VAR that to_params recorded (least squares is not run again)."""
+        lags = int(params["lags"])
+        intercept = np.array(params["intercept"], dtype=np.float64)
+        coefs = np.array(params["coefs"], dtype=np.float64)
+        f = intercept.shape[0] if intercept.ndim == 1 else -1
+        if lags < 1 or f < 1 or coefs.shape != (lags, f, f):
+            raise ValueError(
+                f"VAR({lags}) params need intercept [F] and coefs [{lags}, F, F]; "
+                f"got {intercept.shape} and {coefs.shape}"
+            )
+        return cls(lags=lags, intercept=intercept, coefs=coefs)
 
     def forecast(
         self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int
@@ -149,6 +189,13 @@ class VectorAR:
 
     def describe(self) -> dict[str, Any]:
         return {"model": f"VAR({self.lags}) with intercept, least squares", "lags": self.lags}
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "lags": self.lags,
+            "intercept": self.intercept.tolist(),
+            "coefs": self.coefs.tolist(),
+        }
 
 
 @dataclass
@@ -192,6 +239,23 @@ class HoltWinters:
             )
         return hw
 
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> HoltWinters:
+        """The Holt-Winters that to_params recorded: no optimiser runs, only the filter."""
+        period, trend = int(params["period"]), bool(params["trend"])
+        columns = [dict(c) for c in params["columns"]]
+        if not columns:
+            raise ValueError("Holt-Winters params name no column")
+        need = {"smoothing_level", "smoothing_seasonal", "initial_level", "initial_seasons"}
+        if trend:
+            need |= {"smoothing_trend", "damping_trend", "initial_trend"}
+        for j, c in enumerate(columns):
+            if need - set(c) or len(c["initial_seasons"]) != period:
+                raise ValueError(
+                    f"Holt-Winters column {j}: needs {sorted(need)} and {period} initial seasons"
+                )
+        return cls(period=period, trend=trend, params=columns)
+
     def states(self, col: Array, j: int) -> tuple[Array, Array, Array]:
         """(level, trend, season) after each step of col, parameters frozen."""
         p = self.params[j]
@@ -233,6 +297,37 @@ class HoltWinters:
         kind = "damped additive trend, " if self.trend else "no trend, "
         return {"model": f"Holt-Winters, {kind}additive seasonality, period {self.period}"}
 
+    def to_params(self) -> dict[str, Any]:
+        # statsmodels' estimates per column, as fit keeps them (a list: the data's column order).
+        return {
+            "period": self.period,
+            "trend": self.trend,
+            "columns": [dict(p) for p in self.params],
+        }
+
+
+def baseline_from_record(name: str, record: Mapping[str, Any]) -> Forecaster:
+    """Rebuild a baseline from its manifest entry (metrics.baselines.<name>.h<k>), whose
+    "params" holds what to_params recorded. Raises ValueError for an unknown or bad record."""
+    params = record.get("params")
+    if not isinstance(params, Mapping):
+        raise ValueError(f"baseline {name!r}: the record has no params")
+    try:
+        if name == "persistence":
+            return Persistence()
+        if name.startswith("seasonal_naive_"):
+            sn = SeasonalNaive(int(params["period"]))
+            if sn.name != name:
+                raise ValueError(f"baseline {name!r} records period {sn.period}")
+            return sn
+        if name == "linear_ar":
+            return VectorAR.from_params(params)
+        if name == "holt_winters":
+            return HoltWinters.from_params(params)
+    except (KeyError, TypeError) as e:  # a missing or mistyped field
+        raise ValueError(f"baseline {name!r}: bad params ({e!r})") from e
+    raise ValueError(f"unknown baseline {name!r}")
+
 
 # --------------------------------------------------------------------------- fit and choose
 
@@ -266,7 +361,11 @@ def fit_baselines(
     """
     seen = np.asarray(series[: split.val_end], np.float64)
     train = seen[: split.train_end]
-    ars = [VectorAR.fit(train, p) for p in AR_LAGS if p * 4 < len(train)]
+    # statsmodels' VAR needs two series or more; one column gets AR(p) by least squares.
+    from lstm_serve.training.univariate_ar import UnivariateAR
+
+    fit_ar = VectorAR.fit if train.shape[1] >= 2 else UnivariateAR.fit
+    ars = [fit_ar(train, p) for p in AR_LAGS if p * 4 < len(train)]
     hws = [HoltWinters.fit(train, periods[0], trend) for trend in (False, True)] if periods else []
     chosen: dict[int, list[Forecaster]] = {}
     for h in horizons:

@@ -33,6 +33,7 @@ from lstm_serve.training import data as D
 from lstm_serve.training import forecast_eval as FE
 from lstm_serve.training import text_eval as TE
 from lstm_serve.training.export import CHECKPOINT_FORMAT, ExportError, export_checkpoint
+from lstm_serve.training.extra import MissingExtra, require_training_extra
 
 if TYPE_CHECKING:
     import torch
@@ -307,6 +308,18 @@ class RealTask:
                 raise ValueError(f"seasonal period {period} is longer than the training split")
         if self.split.val_end - self.split.train_end < self.horizon + 1:
             raise ValueError(f"the validation split is shorter than the horizon {self.horizon}")
+        if self.split.n - self.split.val_end < self.horizon:
+            raise ValueError(f"the test split is shorter than the horizon {self.horizon}")
+        self.baselines: dict[int, list[FE.Forecaster]] | None = None
+
+    def prepare(self) -> None:
+        """Fit the baselines now, before training: they need no model, and one that cannot be
+        fitted must fail before minutes of training rather than after them."""
+        d = self.recipe.data
+        logger.info("fitting the baselines on the training split")
+        self.baselines = FE.fit_baselines(
+            self.series.astype(np.float64), self.split, sorted({1, d.horizon}), d.seasonal_periods
+        )
 
     def epoch_streams(self, rng: np.random.Generator) -> np.ndarray[Any, Any]:
         """Training streams for one epoch, shifted by a random level per stream when asked.
@@ -465,6 +478,7 @@ class RealTask:
             self.split,
             self.recipe,
             lambda start, end: self._scores(model, start, end),
+            self.baselines,
         )
 
     def manifest_fields(self) -> dict[str, Any]:
@@ -501,19 +515,24 @@ ModelForecasts = Callable[[int, int], dict[int, np.ndarray[Any, Any]]]
 
 
 def evaluate_real(
-    series: np.ndarray[Any, Any], split: D.Split, recipe: Recipe, model_fc: ModelForecasts
+    series: np.ndarray[Any, Any],
+    split: D.Split,
+    recipe: Recipe,
+    model_fc: ModelForecasts,
+    chosen: dict[int, list[FE.Forecaster]] | None = None,
 ) -> dict[str, Any]:
     """Held-out scores of the model and of every baseline at horizon 1 and H, in raw units.
 
-    Baselines are fitted on train and chosen on validation (forecast_eval.fit_baselines); the
-    test split is read only here, to score. Shared by training and by the test that recomputes
-    the manifest from the shipped files.
+    Baselines are fitted on train and chosen on validation (forecast_eval.fit_baselines; or
+    given as `chosen`, fitted so already); the test split is read only here, to score. Shared
+    by training and by the test that recomputes the manifest from the shipped files.
     """
     d = recipe.data
     h, n, cols = d.horizon, len(series), d.columns
     x = np.asarray(series, np.float64)
     horizons = sorted({1, h})
-    chosen = FE.fit_baselines(x, split, horizons, d.seasonal_periods)
+    if chosen is None:
+        chosen = FE.fit_baselines(x, split, horizons, d.seasonal_periods)
     fc = model_fc(split.val_end, n)
     model: dict[str, Any] = {}
     baselines: dict[str, dict[str, Any]] = {}
@@ -523,7 +542,13 @@ def evaluate_real(
         model[f"h{k}"] = FE.score(fc[k], tgt, cols)
         for b in chosen[k]:
             entry = baselines.setdefault(b.name, {})
-            entry[f"h{k}"] = {**FE.score(b.forecast(x, orig, k), tgt, cols), **b.describe()}
+            # The fitted parameters too: a refit on another CPU can land elsewhere (see
+            # forecast_eval), while these reproduce the scores beside them on any CPU.
+            entry[f"h{k}"] = {
+                **FE.score(b.forecast(x, orig, k), tgt, cols),
+                **b.describe(),
+                "params": b.to_params(),
+            }
     units = f" ({d.units})" if d.units else ""
     return {
         "held_out": (
@@ -561,6 +586,7 @@ class TokenTask:
             )
         self.vocab = D.char_vocab()
         self.ids = D.encode(self.corpus.text, self.vocab)
+        self.code: TE.HeldOutCode | None = None
         self.split = D.chronological_split(len(self.ids), d.val_fraction, d.test_fraction)
         self.streams = D.to_streams(self.ids[: self.split.train_end], recipe.train.batch)
         unk = float(np.mean(self.ids == 0))
@@ -623,6 +649,10 @@ class TokenTask:
                 pos += x.shape[1]
         return D.bits(nats / count)
 
+    def prepare(self) -> None:
+        """Read the held-out code now: a missing package must fail before training, not after."""
+        self.code = TE.held_out_code()
+
     def validate(self, model: nn.Module) -> float:
         s = self.split
         return self._bits(
@@ -634,7 +664,7 @@ class TokenTask:
         # One stream over val + test, scoring only test: the state is warmed on the text before
         # the test part, as a served session would be.
         model_bits = self._bits(model, self.ids[s.train_end - 1 :], 1, s.val_end - s.train_end)
-        code = TE.held_out_code()
+        code = self.code if self.code is not None else TE.held_out_code()
         code_ids = D.encode(code.text, self.vocab)
         code_bits = self._bits(model, code_ids, 1, 0)
         return TE.metrics(
@@ -779,6 +809,7 @@ def train(
     task: RealTask | TokenTask = (
         RealTask(recipe, base) if recipe.kind is Kind.real else TokenTask(recipe, base)
     )
+    task.prepare()
     members = spec.ensemble
     val_name = "val_mae" if recipe.kind is Kind.real else "val_bpc"
     start = time.monotonic()
@@ -867,6 +898,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        require_training_extra("train", ("torch", "onnx", "statsmodels"))
         result = train(
             args.recipe,
             out=args.out,
@@ -875,7 +907,7 @@ def run(args: argparse.Namespace) -> int:
             max_minutes=args.max_minutes,
             force=args.force,
         )
-    except (ExportError, OSError, ValueError) as exc:
+    except (ExportError, MissingExtra, OSError, ValueError) as exc:
         logger.error("train failed: %s", exc)
         return 1
     print(result.export_dir)
