@@ -46,6 +46,19 @@ def vocab_of(size: int) -> list[str]:
     return list(chars[:size]) if size <= len(chars) else [f"<{i}>" for i in range(size)]
 
 
+def in_memory_manifest(
+    kind: str, input_dim: int, output_dim: int, vocab: int = 12, name: str = "tiny"
+) -> Manifest:
+    """A valid manifest with no model file behind it, for converters tested without a graph."""
+    token = kind == "token"
+    return Manifest(
+        name=name, version="1", kind=kind, input_dim=1 if token else input_dim,  # type: ignore[arg-type]
+        output_dim=vocab if token else output_dim, vocab=vocab_of(vocab) if token else None,
+        layers=1, hidden_size=4, data=DataProvenance(source="test", licence="CC0-1.0"),
+        opset=17, sha256="0" * 64,
+    )  # fmt: skip
+
+
 def normalisation_of(input_dim: int, output_dim: int, seed: int) -> dict[str, list[float]]:
     """Non-trivial normalisation constants, so the graph's Sub/Div/Mul/Add are exercised."""
     rng = np.random.default_rng(seed + 1000)

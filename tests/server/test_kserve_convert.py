@@ -21,26 +21,22 @@ from lstm_serve.core.errors import (
     Unavailable,
 )
 from lstm_serve.core.jobs import StepResult
-from lstm_serve.core.repository import DataProvenance, Manifest, ModelVersion
+from lstm_serve.core.repository import Manifest, ModelVersion
 from lstm_serve.server import kserve_convert as K
 from lstm_serve.server.convert import SEQ_LIMIT
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import model_config_pb2 as mc
-from tests.helpers.models import vocab_of
+from tests.helpers.models import in_memory_manifest
 
 DIM, OUT = 3, 4
-P = ipb.InferParameter
-Req = ipb.ModelInferRequest
 
 
 def manifest(kind: str, vocab: int = 12, name: str = "tiny") -> Manifest:
-    token = kind == "token"
-    return Manifest(
-        name=name, version="1", kind=kind, input_dim=1 if token else DIM,  # type: ignore[arg-type]
-        output_dim=vocab if token else OUT, vocab=vocab_of(vocab) if token else None,
-        layers=1, hidden_size=4, data=DataProvenance(source="test", licence="CC0-1.0"),
-        opset=17, sha256="0" * 64,
-    )  # fmt: skip
+    return in_memory_manifest(kind, DIM, OUT, vocab, name)
+
+
+P = ipb.InferParameter
+Req = ipb.ModelInferRequest
 
 
 REAL = manifest("real")
