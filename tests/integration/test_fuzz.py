@@ -99,7 +99,9 @@ def _victim_state(server: ServerThread) -> dict[str, tuple[int, int, bytes]]:
 seeds = st.integers(0, 2**32 - 1)
 models = st.sampled_from(["tiny", "tinytok"])
 step_via = st.sampled_from(["predict"] * 7 + ["stream"])
-malformations = st.sampled_from(["defect"] * 6 + ["too_many_sessions", "no_sessions", "duplicate"])
+malformations = st.sampled_from(
+    ["defect"] * 6 + ["too_many_sessions", "no_sessions", "duplicate", "bad_top_k"]
+)
 short_text = st.text(max_size=40)
 
 
@@ -199,7 +201,8 @@ def valid_pool_request(draw: Callable[..., Any]) -> Case:
             s.seq = [0, int(rng.integers(0, 60)), 2**64 - 1][int(rng.integers(3))]
         parts.append(s)
     version = pick(rng, ["", "", "1"])
-    top_k = pick(rng, [0, 0, 1, 3, 12, 1000])
+    # top_k is for token models only, and at most their vocabulary (12 tokens)
+    top_k = pick(rng, [0, 0, 1, 3, 12]) if model == "tinytok" else 0
     req = pb.StepRequest(
         model=pb.ModelRef(name=model, version=version),
         sessions=parts,
@@ -232,9 +235,12 @@ def malformed_request(draw: Callable[..., Any]) -> Case:
         parts = [pb.SessionSteps(session_id=sid, **_valid_steps(model, rng, 1)) for sid in extra]
     elif kind == "no_sessions":
         parts = []
-    else:
+    elif kind == "duplicate":
         parts.append(pb.SessionSteps(session_id=parts[0].session_id, **_valid_steps(model, rng, 1)))
-    req = pb.StepRequest(model=pb.ModelRef(name=model), sessions=parts)
+    top_k = 0
+    if kind == "bad_top_k":  # any top_k on a real-valued model, or above the vocabulary
+        top_k = pick(rng, [1, 3]) if model == "tiny" else pick(rng, [13, 1000, 2**31 - 1])
+    req = pb.StepRequest(model=pb.ModelRef(name=model), sessions=parts, top_k=top_k)
     via = draw(step_via)
     return Case(f"malformed/{label}", via, req, frozenset({INVALID}))
 
