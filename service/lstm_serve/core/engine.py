@@ -1,7 +1,9 @@
 """The engine: what the transport calls. It holds one scheduler per model version, checks
 requests before they queue, and runs the lifecycle (restore, reaper, snapshots, drain, close).
 
-Nothing here writes session state: every change goes through a scheduler's tick.
+Nothing here writes session state once requests are admitted: every change goes through a
+scheduler's tick. The one write of its own is restoring a snapshot into an empty store at
+start, before the model serves.
 """
 
 from __future__ import annotations
@@ -362,18 +364,6 @@ class Engine:
             self._refused(lm, "Step", exc)
             raise
 
-    async def step(
-        self,
-        name: str,
-        version: str,
-        source: FrameSource,
-        principal: str = "",
-        deadline: float | None = None,
-    ) -> tuple[ModelVersion, StepResult]:
-        fut = self.submit_step(name, version, source, principal, deadline)
-        mv = self.model(name, version).mv
-        return mv, await fut
-
     # -- forecast ------------------------------------------------------------------------------
 
     async def forecast(
@@ -539,6 +529,7 @@ class Engine:
         return total
 
     def _restore(self, lm: LoadedModel) -> None:
+        """Load the model's snapshot into its empty store, at start, before it serves."""
         path = self._snapshot_path(lm)
         if path is None or not path.exists():
             return

@@ -95,6 +95,9 @@ class Scheduler:
         self._stall_timer: asyncio.TimerHandle | None = None
         # A shared store (core/sync.py) when replicas share sessions; None in the default.
         self.sync: StateSync | None = None
+        # One appending row of one session runs on the scalar path (_single); the general
+        # path gives the same answers and state (tests/core/test_paths.py turns this off).
+        self.scalar = True
 
     # -- submitting ----------------------------------------------------------------------------
 
@@ -151,9 +154,10 @@ class Scheduler:
             )
         self.pending.append(job)
         self.queued += job.rows
-        self._kick()
+        self.kick()
 
-    def _kick(self) -> None:
+    def kick(self) -> None:
+        """Schedule a tick on the next event-loop pass (unless one is scheduled or blocked)."""
         if not self._scheduled and not self._blocked():
             self._scheduled = True
             self.loop.call_soon(self._tick)
@@ -186,7 +190,7 @@ class Scheduler:
         except Exception as exc:  # a bug must not leave callers waiting forever
             logger.exception("%s: a scheduler tick failed", self.label)
             for job in [*self._admitted, *self.rollouts]:
-                self._fail(job, exc)
+                self.fail(job, exc)
             self.rollouts.clear()
         except BaseException as exc:  # not an error of one batch: the worker itself is gone
             self._break(f"inference worker failed ({type(exc).__name__})", exc)
@@ -199,7 +203,7 @@ class Scheduler:
             # nothing, all that waits is held by a batch in the executor (kicked when it is
             # committed) or by a load (kicked when it ends).
             if self.rollouts or (self._admitted and self.pending and self._runnable()):
-                self._kick()
+                self.kick()
 
     def _runnable(self) -> bool:
         return self.sync is None or self.sync.runnable(self.pending)
@@ -240,9 +244,7 @@ class Scheduler:
             taken.update(job.keys)
             self._admitted.append(job)
             if job.deadline is not None and now >= job.deadline:
-                self._fail(
-                    job, DeadlineExceeded("the deadline passed before the request could run")
-                )
+                self.fail(job, DeadlineExceeded("the deadline passed before the request could run"))
                 continue
             if isinstance(job, StepJob):
                 jobs.append(job)
@@ -259,16 +261,22 @@ class Scheduler:
         for r in list(self.rollouts):
             if r.deadline is not None and now >= r.deadline:
                 self.rollouts.remove(r)
-                self._fail(r, DeadlineExceeded("the deadline passed during the forecast"))
+                self.fail(r, DeadlineExceeded("the deadline passed during the forecast"))
         if not jobs and not self.rollouts:
             return
-        if len(jobs) == 1 and not self.rollouts and jobs[0].rows == 1 and self._single(jobs[0]):
+        if (
+            self.scalar
+            and len(jobs) == 1
+            and not self.rollouts
+            and jobs[0].rows == 1
+            and self._single(jobs[0])
+        ):
             return
         tick = build(self.store, jobs, self.rollouts, taken, self.limits.cap_policy, self.label)
         if tick.evicted:
             self.probes.evicted_lru.inc(tick.evicted)
         for j, exc in tick.failures:
-            self._fail(jobs[j], exc)
+            self.fail(jobs[j], exc)
         if not tick.parts:
             self._finish(tick, [])
             return
@@ -323,7 +331,7 @@ class Scheduler:
             waiting += t.jobs
         for job in waiting:
             if not job.future.done():
-                self._fail(job, err)
+                self.fail(job, err)
         self.pending.clear()
         self.rollouts.clear()
         self.queued = 0
@@ -363,7 +371,7 @@ class Scheduler:
             y, hn, cn = self.runtime.run(x, h, c)
         except Exception:
             logger.exception("%s: inference failed for a batch of 1 row", self.label)
-            self._fail(job, RuntimeError("inference failed"))
+            self.fail(job, RuntimeError("inference failed"))
             return True
         finally:
             self.probes.inference_seconds.observe(time.perf_counter() - t0)
@@ -392,12 +400,12 @@ class Scheduler:
         except Exception as exc:  # a bug here must not leave callers waiting forever
             logger.exception("%s: commit failed", self.label)
             for job in tick.jobs:
-                self._fail(job, exc)
+                self.fail(job, exc)
         finally:
             if self.sync is not None and not self._inflight:
                 self.sync.flush()
             if self.rollouts or (self.pending and self._runnable()):
-                self._kick()
+                self.kick()
 
     def _resolve(self, out: Outcome) -> None:
         """What a commit decided: failures, answers, their latencies and counts."""
@@ -405,11 +413,11 @@ class Scheduler:
             self.probes.steps.inc(out.steps_run)
         inference_failed = RuntimeError("inference failed")
         for job in out.failed:
-            self._fail(job, inference_failed)
+            self.fail(job, inference_failed)
         for r in out.failed_rollouts:
             if r in self.rollouts:
                 self.rollouts.remove(r)
-            self._fail(r, inference_failed)
+            self.fail(r, inference_failed)
         if out.answered:
             t_end = time.perf_counter()
             for job, result in out.answered:
@@ -428,7 +436,7 @@ class Scheduler:
         try:
             x = r.start(self.store)
         except ServiceError as exc:
-            self._fail(r, exc)
+            self.fail(r, exc)
             return
         if x is None:
             self._complete_rollout(r)
@@ -462,12 +470,12 @@ class Scheduler:
                 elif r.reset:
                     store.reset(slot)
             except ServiceError as exc:
-                self._fail(r, exc)
+                self.fail(r, exc)
                 return
             assert r.last_y is not None
             s = np.array([slot], np.int64)
             store.commit(s, r.h[:, None], r.c[:, None], r.last_y[None], np.array([r.next_seq]))
-            store.replay[s] = None  # committed roll-out steps are not replayable
+            store.forget_answers(s)  # committed roll-out steps are not replayable
             store.touch([r.key], s, time.monotonic())
             self.probes.sessions.set(len(store))
         current = 0 if slot is None else int(store.next_seq[slot])
@@ -479,7 +487,7 @@ class Scheduler:
         store = self.store
         slot = store.slot(job.keys[0])
         if slot is None:
-            self._fail(job, NotFound(f"session {job.session_id!r} not found"))
+            self.fail(job, NotFound(f"session {job.session_id!r} not found"))
             return
         idle = max(now - float(store.last_used[slot]), 0.0)
         if job.kind == "reset":
@@ -520,7 +528,8 @@ class Scheduler:
 
     # -- outcomes ------------------------------------------------------------------------------
 
-    def _fail(self, job: Job, exc: BaseException) -> None:
+    def fail(self, job: Job, exc: BaseException) -> None:
+        """Answer a job with an error and count it."""
         code = exc.code if isinstance(exc, ServiceError) else "INTERNAL"
         if not job.future.done():
             job.future.set_exception(exc)

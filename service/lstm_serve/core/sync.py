@@ -31,21 +31,35 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from lstm_serve.core.errors import FailedPrecondition, ServiceError, Unavailable
 from lstm_serve.core.frame import Frame
-from lstm_serve.core.jobs import Job, OpJob, StepJob
+from lstm_serve.core.jobs import Job, Limits, OpJob, StepJob
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.remote import Claim, Remote, Reply, State, StoreDown, Write
-from lstm_serve.core.replay import ReplayEntry
-
-if TYPE_CHECKING:
-    from lstm_serve.core.scheduler import Scheduler
+from lstm_serve.core.replay import ReplayCache, ReplayEntry
+from lstm_serve.core.store import SessionStore
 
 logger = logging.getLogger(__name__)
+
+
+class Host(Protocol):
+    """What sync needs of the scheduler it is attached to (core/scheduler.py): its store and
+    replay cache, a way to answer a job with an error, and a way to ask for a tick."""
+
+    store: SessionStore
+    replay: ReplayCache
+    limits: Limits
+    label: str
+    sync: StateSync | None
+
+    def fail(self, job: Job, exc: BaseException) -> None: ...
+
+    def kick(self) -> None: ...
+
 
 T = TypeVar("T")
 
@@ -187,7 +201,7 @@ class StoreHealth:
 class StateSync:
     def __init__(
         self,
-        scheduler: Scheduler,
+        scheduler: Host,
         remote: Remote,
         probes: Probes,
         acked: bool,
@@ -320,8 +334,8 @@ class StateSync:
     def _refuse(self, job: Job, exc: ServiceError) -> None:
         """Fail a job at admission. It stays queued, done, until the next tick drops it; that
         tick, kicked now, then looks at the jobs behind it on its sessions."""
-        self.sched._fail(job, exc)
-        self.sched._kick()
+        self.sched.fail(job, exc)
+        self.sched.kick()
 
     def _lose(self, key: str, o: Owned, state: State | None) -> None:
         """Early mode: remember that key's answers since o.written were not stored."""
@@ -493,7 +507,7 @@ class StateSync:
                 self._loaded.extend((k, c, t0) for k, c in zip(keys, claims, strict=True))
         finally:
             self._loading.difference_update(keys)
-            self.sched._kick()
+            self.sched.kick()
 
     def _apply_loaded(self) -> None:
         store = self.store
@@ -543,7 +557,7 @@ class StateSync:
         requests are answered again here too."""
         store = self.store
         gen = store.gen[[slot]].copy()
-        prev: object = None
+        prev: ReplayEntry | None = None
         for r in replies:  # oldest first
             entry = ReplayEntry(
                 r.y[None], np.array([r.seq], np.int64), gen, np.array([r.reset]),
@@ -554,8 +568,7 @@ class StateSync:
                 break
             prev = entry
         if prev is not None:
-            store.replay[slot] = prev
-            store.replay_row[slot] = 0
+            store.chain(slot, prev)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -677,7 +690,7 @@ class StateSync:
                     self._poisoned.add(w.key)
                     self._drops.append((w.key, o))
         if failed and not self._closed:
-            self.sched._kick()  # the drops apply at the next tick
+            self.sched.kick()  # the drops apply at the next tick
         return failed
 
     def _spawn(self, coro: Awaitable[None]) -> None:
