@@ -45,8 +45,8 @@ triton-client: $(TRITON_VENV)/.ready
 test: $(VENV)/.dev $(TRITON_VENV)/.ready lint typecheck proto-check unit
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check service tests
-	$(VENV)/bin/ruff format --check service tests
+	$(VENV)/bin/ruff check service tests scripts
+	$(VENV)/bin/ruff format --check service tests scripts
 
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy

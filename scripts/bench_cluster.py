@@ -5,10 +5,10 @@ answer mode, and the failover time of sessions on a replica killed with SIGKILL.
 
     .venv/bin/python scripts/bench_cluster.py --out docs/bench/cluster/results.json
 
-Processes, all on loopback: redis-server (append-only, fsync always; one more with fsync
-everysec to show what the fsync costs), lstm-serve replicas
-(`lstm-serve serve`, default settings but the store) and Envoy running deploy/envoy/envoy.yaml
-(endpoints from a file, health checks and retries as shipped, as in tests/cluster). The load
+Processes, all on loopback (lstm_serve.bench.procs, as in tests/cluster): redis-server
+(append-only, fsync always; one more with fsync everysec to show what the fsync costs),
+lstm-serve replicas (`lstm-serve serve`, default settings but the store) and Envoy running
+deploy/envoy/envoy.yaml (endpoints from a file, health checks and retries as shipped). The load
 generator is one asyncio process: `sessions` sessions each sending one step per unary Predict
 call (with seq), the next as soon as the answer came (closed loop), for `--seconds` after a
 warm-up. All configurations run side by side and are measured in turn, `--rounds` times
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -32,14 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lstm_serve.bench.procs.envoy import Envoy
+from lstm_serve.bench.procs.redis_server import RedisServer
+from lstm_serve.bench.procs.replica import Replica
+from lstm_serve.client import AsyncClient
+from lstm_serve.core.repository import load_repository
 
-from lstm_serve.client import AsyncClient  # noqa: E402
-from lstm_serve.core.repository import load_repository  # noqa: E402
-from tests.helpers.envoy import Envoy  # noqa: E402
-from tests.helpers.redis import RedisServer  # noqa: E402
-from tests.helpers.replica import Replica  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its models/ is the default
 
 
 async def closed_loop(
@@ -133,11 +133,12 @@ def main() -> int:
     redis = RedisServer(tmp / "redis").start()
     # The same with a second's loss window in Redis itself: what the fsync per write costs.
     lax = RedisServer(tmp / "redis-everysec", fsync="everysec").start()
+    load: dict[str, list[dict[str, object]]] = {}
     results: dict[str, object] = {
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "model": f"{args.model}:{mv.manifest.version}",
         "seconds": args.seconds,
-        "load": {},
+        "load": load,
     }
     configs = [
         ("memory, direct", "memory", "acked", False),
@@ -165,7 +166,7 @@ def main() -> int:
                     print(f"round {k}: {name:32s} {n:4d} sessions: p50 {row['p50_ms']:.3f} ms, "
                           f"{row['steps_per_s']:.0f} steps/s", flush=True)  # fmt: skip
         for name, _, r, envoy in running:
-            rows = []
+            rows: list[dict[str, object]] = []
             for n in args.sessions:
                 got = rounds[name, n]
                 med = {
@@ -175,7 +176,7 @@ def main() -> int:
                 rows.append({"sessions": n, **med, "rounds": got})
                 print(f"median: {name:32s} {n:4d} sessions: p50 {med['p50_ms']:.3f} ms, "
                       f"p99 {med['p99_ms']:.3f} ms, {med['steps_per_s']:.0f} steps/s", flush=True)  # fmt: skip
-            results["load"][name] = rows  # type: ignore[index]
+            load[name] = rows
             if envoy is not None:
                 envoy.stop()
             r.terminate()

@@ -30,13 +30,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lstm_serve.bench.common import cpu_seconds, machine_busy_seconds, prepare_model
+from lstm_serve.bench.loadgen import Load, LoadGen
+from lstm_serve.bench.procs.envoy import Envoy
+from lstm_serve.bench.procs.replica import Replica
 
-from lstm_serve.bench.common import cpu_seconds, machine_busy_seconds, prepare_model  # noqa: E402
-from lstm_serve.bench.loadgen import Load, LoadGen  # noqa: E402
-from tests.helpers.envoy import Envoy  # noqa: E402
-from tests.helpers.replica import Replica  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its models/ is the default
 
 LOADS = {
     "streams512": Load("streams512", 512),

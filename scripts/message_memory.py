@@ -98,7 +98,7 @@ def main() -> int:
             stubs = [pb_grpc.LstmServeStub(ch) for ch in channels]
             await asyncio.gather(*(one_async(stubs[i % n]) for i in range(args.clients)))
             for ch in channels:
-                await ch.close()
+                await ch.close(None)  # grace: None (the stubs have no default)
 
         for r in range(args.rounds):
             t0 = time.monotonic()

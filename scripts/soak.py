@@ -19,7 +19,6 @@ import contextlib
 import csv
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,10 +34,11 @@ import grpc
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from lstm_serve.bench.procs.process import free_port
+from lstm_serve.client import Client, session_steps, step_request
 
-from lstm_serve.client import Client, session_steps, step_request  # noqa: E402
+# the checkout: its models/ is the default, and a started server runs in it
+ROOT = Path(__file__).resolve().parent.parent
 
 FIELDS = ["t_s", "phase", "rss_mib", "sessions", "requests", "errors", "p50_ms", "p99_ms"]
 
@@ -175,7 +175,7 @@ def run_soak(
     metrics_url: str | None = None,
     workers: int = 6,
     cooldown_s: float = 30.0,
-    on_sample: object = None,
+    on_sample: Callable[[Sample], object] | None = None,
 ) -> Summary:
     """Load for `seconds`, then keep sampling until sessions == 0 or cooldown_s has passed."""
     proc = psutil.Process(pid)
@@ -208,7 +208,7 @@ def run_soak(
             p99_ms=float(np.percentile(a, 99)) if a.size else float("nan"),
         )
         summary.samples.append(s)
-        if callable(on_sample):
+        if on_sample is not None:
             on_sample(s)
         if load_end is not None:
             if sessions == 0 and summary.sessions_drained_s is None:
@@ -259,15 +259,9 @@ def plot(summary: Summary, path: Path, title: str = "lstm-serve soak") -> None:
     plt.close(fig)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _server(repo: Path, ttl_s: float, log: Path) -> Iterator[tuple[str, int, str]]:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     cmd = [
         str(Path(sys.executable).parent / "lstm-serve"),
         "serve",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.oracle.one_pass import OnePass
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,3 +42,15 @@ def tiny_repo_copy(tiny_repo: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "models"
     shutil.copytree(tiny_repo, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_repo: Path) -> OnePass:
+    """One pass of the NumPy reference (tests/oracle) over the tiny real model (3 -> 3)."""
+    return OnePass(tiny_repo / "tiny" / "1")
+
+
+@pytest.fixture(scope="module")
+def tok_oracle(tiny_repo: Path) -> OnePass:
+    """One pass of the NumPy reference (tests/oracle) over the tiny token model (vocabulary 12)."""
+    return OnePass(tiny_repo / "tinytok" / "1")

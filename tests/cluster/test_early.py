@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from lstm_serve.bench.procs.redis_server import RedisServer
 from lstm_serve.client import Client
 from lstm_serve.core import frame as F
 from lstm_serve.core.errors import FailedPrecondition
@@ -24,10 +25,9 @@ from lstm_serve.core.replay import ReplayCache
 from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.store import SessionStore
 from lstm_serve.core.sync import StateSync
-from tests.cluster.conftest import Oracle
 from tests.cluster.test_store import stored
-from tests.helpers.redis import RedisServer
 from tests.helpers.server import ServerThread, xs
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 
@@ -56,7 +56,7 @@ def early_pair(
 
 
 def test_a_fenced_early_answer_is_told_on_the_next_request(
-    early_pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: Oracle
+    early_pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: OnePass
 ) -> None:
     """Two replicas reached directly hold one session at seq 4; B (which claimed it last)
     applies xa at seq 4, then A applies xb at seq 4 on its stale copy and answers at once: its
@@ -96,7 +96,7 @@ def test_a_fenced_early_answer_is_told_on_the_next_request(
 
 
 def test_an_early_answer_whose_write_failed_is_told_on_the_next_request(
-    tiny_repo: Path, redis_server: RedisServer, oracle: Oracle
+    tiny_repo: Path, redis_server: RedisServer, oracle: OnePass
 ) -> None:
     """Redis goes away after a step was answered: the step is lost with Redis's copy, and the
     client's next step is refused (FAILED_PRECONDITION naming the lost seqs, no internals), so

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import yaml
 
+from lstm_serve.bench.procs.envoy import ENVOY_CONFIG, Envoy
+from lstm_serve.bench.procs.redis_server import RedisServer
+from lstm_serve.bench.procs.replica import Replica
 from lstm_serve.client import ROUTE_HEADER, AsyncClient, Client, routed, session_steps, step_request
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
-from tests.cluster.conftest import Oracle
 from tests.cluster.test_store import ATOL, stored
-from tests.helpers.envoy import ENVOY_CONFIG, Envoy
-from tests.helpers.redis import RedisServer
-from tests.helpers.replica import Replica
 from tests.helpers.server import xs
+from tests.oracle.one_pass import OnePass
 
 SESSIONS = 200
 STEPS = 24
@@ -111,7 +111,7 @@ async def stream_all(
 
 
 def check(
-    data: dict[str, np.ndarray], ys: dict[str, np.ndarray], redis: RedisServer, oracle: Oracle
+    data: dict[str, np.ndarray], ys: dict[str, np.ndarray], redis: RedisServer, oracle: OnePass
 ) -> None:
     for sid, x in data.items():
         y, hn, cn = oracle.run(x)
@@ -137,7 +137,7 @@ def run_in_thread(fn: object) -> tuple[threading.Thread, dict[str, object]]:
 
 
 def test_kill_9_of_a_replica_mid_stream_loses_no_session(
-    cluster: Cluster, redis_server: RedisServer, oracle: Oracle
+    cluster: Cluster, redis_server: RedisServer, oracle: OnePass
 ) -> None:
     data = {f"s{i:03d}": xs(1000 + i, STEPS) for i in range(SESSIONS)}
     progress = threading.Event()
@@ -156,7 +156,7 @@ def test_kill_9_of_a_replica_mid_stream_loses_no_session(
 
 
 def test_scale_3_to_4_to_2_while_streaming(
-    cluster: Cluster, redis_server: RedisServer, oracle: Oracle
+    cluster: Cluster, redis_server: RedisServer, oracle: OnePass
 ) -> None:
     data = {f"z{i:03d}": xs(3000 + i, STEPS) for i in range(SESSIONS // 2)}
     new = cluster.add().wait_serving()  # started ahead: scaling is then a matter of seconds
@@ -244,7 +244,7 @@ async def predict_all(
 
 
 def test_early_answers_lose_at_most_what_next_seq_says_when_a_replica_is_killed(
-    early_cluster: Cluster, redis_server: RedisServer, oracle: Oracle
+    early_cluster: Cluster, redis_server: RedisServer, oracle: OnePass
 ) -> None:
     data = {f"e{i:03d}": xs(5000 + i, STEPS) for i in range(SESSIONS)}
     progress = threading.Event()
@@ -386,7 +386,7 @@ def test_a_replica_killed_in_envoys_first_minute_leaves_the_ring_within_seconds(
 
 @pytest.mark.timeout(90)
 def test_a_crash_ends_streams_through_envoy_with_internal_rst_stream_and_sessions_resume(
-    pair: Cluster, oracle: Oracle
+    pair: Cluster, oracle: OnePass
 ) -> None:
     """Once a stream's answer headers have gone out, Envoy cannot end it with a status: it
     resets it, and gRPC maps that reset to INTERNAL, not UNAVAILABLE (docs/operations.md, "A

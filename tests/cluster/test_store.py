@@ -14,10 +14,10 @@ import grpc
 import numpy as np
 import pytest
 
+from lstm_serve.bench.procs.redis_server import RedisServer
 from lstm_serve.client import Client
-from tests.cluster.conftest import Oracle
-from tests.helpers.redis import RedisServer
 from tests.helpers.server import ServerThread, xs
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 
@@ -42,7 +42,7 @@ def stored(r: RedisServer, session: str) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def test_a_session_stepped_on_alternating_replicas_equals_one_pass(
-    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: Oracle
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: OnePass
 ) -> None:
     a, b = pair
     x = xs(1, 40)
@@ -59,7 +59,7 @@ def test_a_session_stepped_on_alternating_replicas_equals_one_pass(
 
 
 def test_split_brain_one_side_is_fenced_and_history_is_one_order(
-    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: Oracle
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: OnePass
 ) -> None:
     """Both replicas hold the session at seq 4 (B claimed it last). A applies a step 4 on its
     stale copy: its write is fenced (UNAVAILABLE) and its copy dropped; A's retry claims the
@@ -95,7 +95,7 @@ def test_split_brain_one_side_is_fenced_and_history_is_one_order(
 
 
 def test_concurrent_split_brain_never_mixes_states(
-    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: Oracle
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: OnePass
 ) -> None:
     """Many rounds of the same seq sent to both replicas at once with different inputs: each
     round exactly one order of history survives; the stored state is one pass over it."""
@@ -156,7 +156,7 @@ def test_get_session_and_end_session_see_the_shared_state(
 
 
 def test_redis_crash_mid_load_gives_unavailable_and_loses_nothing_acknowledged(
-    tiny_repo: Path, redis_server: RedisServer, oracle: Oracle
+    tiny_repo: Path, redis_server: RedisServer, oracle: OnePass
 ) -> None:
     a = ServerThread(
         model_repository=tiny_repo, state_store=redis_server.url, state_store_timeout_s=0.5
@@ -203,7 +203,7 @@ def test_redis_crash_mid_load_gives_unavailable_and_loses_nothing_acknowledged(
 
 
 def test_early_mode_answers_before_the_write_and_the_store_catches_up(
-    tiny_repo: Path, redis_server: RedisServer, oracle: Oracle
+    tiny_repo: Path, redis_server: RedisServer, oracle: OnePass
 ) -> None:
     with (
         ServerThread(
@@ -225,7 +225,7 @@ def test_early_mode_answers_before_the_write_and_the_store_catches_up(
 
 
 def test_a_drained_replica_hands_its_sessions_over(
-    tiny_repo: Path, redis_server: RedisServer, oracle: Oracle
+    tiny_repo: Path, redis_server: RedisServer, oracle: OnePass
 ) -> None:
     x = xs(8, 10)
     a = ServerThread(model_repository=tiny_repo, state_store=redis_server.url).start()
@@ -243,7 +243,7 @@ def test_a_drained_replica_hands_its_sessions_over(
 
 
 def test_a_triton_sequence_moves_between_replicas_and_its_end_ends_it_everywhere(
-    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: Oracle
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: OnePass
 ) -> None:
     """The Open Inference Protocol's sequences (sequence_id, start, end) share the space too."""
     from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc

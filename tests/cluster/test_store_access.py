@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lstm_serve.bench.procs.redis_server import RedisServer
+from lstm_serve.bench.procs.replica import Replica
 from lstm_serve.client import Client
-from tests.cluster.conftest import Oracle
 from tests.cluster.test_store import stored
 from tests.helpers.certs import Pki
-from tests.helpers.redis import RedisServer
-from tests.helpers.replica import Replica
 from tests.helpers.server import ServerThread, xs
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 FIXED = "session store unavailable; retry"
@@ -72,7 +72,7 @@ def test_store_errors_reach_clients_as_one_fixed_message_and_the_log_once(
     assert all("ConnectionError" in m for m in logged)
 
 
-def test_a_password_protected_store_works(tiny_repo: Path, tmp_path: Path, oracle: Oracle) -> None:
+def test_a_password_protected_store_works(tiny_repo: Path, tmp_path: Path, oracle: OnePass) -> None:
     r = RedisServer(tmp_path / "redis", password="s3cret-pw").start()
     try:
         assert r.url.startswith("redis://:s3cret-pw@")
@@ -121,7 +121,7 @@ def test_an_unreachable_store_fails_at_start(tiny_repo: Path, redis_server: Redi
 
 
 def test_a_tls_store_works_and_an_unknown_ca_is_refused_at_start(
-    tiny_repo: Path, tmp_path: Path, oracle: Oracle
+    tiny_repo: Path, tmp_path: Path, oracle: OnePass
 ) -> None:
     pki = Pki.create(tmp_path / "pki")
     r = RedisServer(tmp_path / "redis", password="pw", tls=pki).start()

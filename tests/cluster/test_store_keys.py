@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 import pytest
 
+from lstm_serve.bench.procs.redis_server import RedisServer
 from lstm_serve.client import Client
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
-from tests.cluster.conftest import Oracle
 from tests.cluster.test_store import stored
-from tests.helpers.redis import RedisServer
 from tests.helpers.server import ServerThread, xs
 from tests.integration.test_kserve_protocol import infer, y_of
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 
@@ -43,7 +43,7 @@ def pair(tiny_repo: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThr
 
 @pytest.mark.parametrize("answer", ["acked", "early"])
 def test_stateless_oip_requests_never_touch_the_store(
-    tiny_repo: Path, redis_server: RedisServer, oracle: Oracle, answer: str
+    tiny_repo: Path, redis_server: RedisServer, oracle: OnePass, answer: str
 ) -> None:
     """A request without a sequence id is one reset-and-end session per batch row: nothing of
     it is claimed, written or deleted in Redis."""
@@ -95,7 +95,7 @@ def test_an_ended_session_is_deleted_and_an_unknown_one_leaves_nothing(
 
 
 def test_an_old_claim_never_writes_over_a_later_session_of_the_same_id(
-    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: Oracle
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer, oracle: OnePass
 ) -> None:
     """A holds a copy of s; B ends s (deleted from Redis) and starts it again. A's step on its
     old copy is fenced (UNAVAILABLE), and its retry sees the new session's seq."""

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lstm_serve.bench.procs.redis_server import RedisServer
 from lstm_serve.core.repository import Kind, Manifest, load_repository
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
-from tests.helpers.redis import RedisServer
 from tests.helpers.server import ServerThread
 
 # Small on purpose: the traffic below crosses the session cap (LRU evictions) and leaves

@@ -22,13 +22,12 @@ import pytest
 import redis
 import yaml
 
+from lstm_serve.bench.procs.envoy import ENVOY_CONFIG, RENDERED_CLUSTER_KEYS, config, envoy_binary
+from lstm_serve.bench.procs.process import free_port, stop_process
 from lstm_serve.client import ROUTE_HEADER
 from lstm_serve.server.settings import Settings
 from tests.deploy.promql import COMPOSE_FILE, DEPLOY, ROOT
 from tests.deploy.test_compose import compose_command
-from tests.helpers.envoy import ENVOY_CONFIG, RENDERED_CLUSTER_KEYS, config, envoy_binary
-from tests.helpers.process import stop_process
-from tests.helpers.redis import free_port
 
 K8S = DEPLOY / "k8s"
 PASSWORD_VAR = "${REDIS_PASSWORD:-change-me}"  # compose: the operator's, or the placeholder

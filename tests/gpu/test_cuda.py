@@ -12,7 +12,8 @@ import pytest
 from lstm_serve.client import Client
 from lstm_serve.core.repository import load_repository
 from lstm_serve.core.runtime import Device, ModelRuntime, choose_device
-from tests.helpers.server import OnePass, ServerThread, session_state, xs
+from tests.helpers.server import ServerThread, session_state, xs
+from tests.oracle.one_pass import OnePass
 
 
 def _cuda_usable() -> bool:

@@ -12,11 +12,12 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 
+from lstm_serve.client import Client
 from lstm_serve.server.app import LstmServer
 from lstm_serve.server.settings import Settings
+from tests.oracle.one_pass import OnePass as OnePass  # re-exported: test_invariants imports it here
 
 
 class ServerThread:
@@ -81,23 +82,26 @@ class ServerThread:
         self.stop()
 
 
-class OnePass:
-    """The oracle: one ONNX Runtime pass over a whole sequence, from a zero state."""
+def serve(
+    model_repository: Path, setup: Callable[[Client], object] | None = None, **settings: Any
+) -> Iterator[ServerThread]:
+    """The body of a server fixture, of any scope: `yield from serve(repo, **settings)` yields a
+    started ServerThread and stops it at the fixture's teardown. `setup`, when given, runs with a
+    client of the started server before the server is yielded (sessions tests expect to find)."""
+    with ServerThread(model_repository=model_repository, **settings) as srv:
+        if setup is not None:
+            with Client(srv.target) as c:
+                setup(c)
+        yield srv
 
-    def __init__(self, model_dir: Path) -> None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]
-        )
-        shape = self.session.get_inputs()[1].shape
-        self.layers, self.hidden = int(shape[0]), int(shape[2])
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """x: [T, F] float32 or [T] int64 -> y [T, out], hn, cn [layers, hidden]."""
-        h = np.zeros((self.layers, 1, self.hidden), np.float32)
-        y, hn, cn = self.session.run(["y", "hn", "cn"], {"x": x[None], "h0": h, "c0": h})
-        return y[0], hn[:, 0], cn[:, 0]
+def connect(srv: ServerThread, setup: Callable[[Client], object] | None = None) -> Iterator[Client]:
+    """The body of a client fixture, of any scope: `yield from connect(server)` yields a Client
+    of the server and closes it at the fixture's teardown; `setup` runs with it first."""
+    with Client(srv.target) as c:
+        if setup is not None:
+            setup(c)
+        yield c
 
 
 def session_state(srv: ServerThread, sid: str, model: str = "tiny") -> tuple[int, bytes] | None:

@@ -1,21 +1,26 @@
-"""Fixtures shared by the integration tests."""
+"""Fixtures shared by the integration tests (the oracles come from tests/conftest.py).
+
+`server` and `client` are the defaults: the tiny models with default settings, and a client of
+that server for each test. A module that needs other settings defines its own `server` with
+`yield from serve(tiny_repo, **settings)`; the shared `client` then connects to that one.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.server import OnePass
+from lstm_serve.client import Client
+from tests.helpers.server import ServerThread, connect, serve
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny_repo: Path) -> OnePass:
-    """One ONNX Runtime pass of the tiny real model (3 -> 3)."""
-    return OnePass(tiny_repo / "tiny" / "1")
+def server(tiny_repo: Path) -> Iterator[ServerThread]:
+    yield from serve(tiny_repo)
 
 
-@pytest.fixture(scope="module")
-def tok_oracle(tiny_repo: Path) -> OnePass:
-    """One ONNX Runtime pass of the tiny token model (vocabulary 12)."""
-    return OnePass(tiny_repo / "tinytok" / "1")
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    yield from connect(server)

@@ -25,8 +25,9 @@ import pytest
 
 from lstm_serve.client import AsyncClient, Client, session_steps, step_request
 from tests.helpers.proxy import ServeProcess
-from tests.helpers.server import OnePass, ServerThread, session_state
+from tests.helpers.server import ServerThread, serve, session_state
 from tests.helpers.server import inference_blocked as gated
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 C = grpc.StatusCode
@@ -64,8 +65,7 @@ LIMITS: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def limited(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=tiny_repo, **LIMITS) as srv:
-        yield srv
+    yield from serve(tiny_repo, **LIMITS)
 
 
 def test_message_size_limit(tiny_repo: Path) -> None:

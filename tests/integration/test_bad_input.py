@@ -11,7 +11,7 @@ import pytest
 
 from lstm_serve.client import Client, session_steps
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
-from tests.helpers.server import ServerThread, all_states
+from tests.helpers.server import ServerThread, all_states, connect, serve
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -19,19 +19,20 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(
-        model_repository=tiny_repo, max_steps_per_request=50, max_sessions_per_request=8,
+    yield from serve(
+        tiny_repo, max_steps_per_request=50, max_sessions_per_request=8,
         max_message_bytes=64 * 1024,
-    ) as srv:  # fmt: skip
-        yield srv
+    )  # fmt: skip
+
+
+def _victims(c: Client) -> None:
+    c.predict("tiny", "victim", np.ones((4, 3)), seq=0)
+    c.predict("tinytok", "victim", tokens=[1, 2, 3], seq=0)
 
 
 @pytest.fixture(scope="module")
 def client(server: ServerThread) -> Iterator[Client]:
-    with Client(server.target) as c:
-        c.predict("tiny", "victim", np.ones((4, 3)), seq=0)
-        c.predict("tinytok", "victim", tokens=[1, 2, 3], seq=0)
-        yield c
+    yield from connect(server, setup=_victims)
 
 
 def _raw(model: str, *steps: pb.SessionSteps, version: str = "") -> pb.StepRequest:

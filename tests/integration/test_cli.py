@@ -9,27 +9,21 @@ import shlex
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lstm_serve.bench.procs.process import stop_process
 from lstm_serve.cli.main import build_parser
 from lstm_serve.client import Client
 from tests.helpers.certs import Pki
-from tests.helpers.process import stop_process
-from tests.helpers.server import OnePass, ServerThread, xs
+from tests.helpers.server import ServerThread, xs
+from tests.oracle.one_pass import OnePass
 
 ROOT = Path(__file__).resolve().parents[2]
 # Outputs are printed with %.6g: six significant digits.
 RTOL, ATOL = 2e-5, 2e-5
-
-
-@pytest.fixture(scope="module")
-def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=tiny_repo) as srv:
-        yield srv
 
 
 def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:

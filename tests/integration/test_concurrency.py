@@ -24,7 +24,8 @@ import pytest
 
 from lstm_serve.client import Client, session_steps, step_request
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import ServerThread, serve
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 SIDS = [f"c{i}" for i in range(10)]
@@ -37,16 +38,15 @@ EXPECTED = re.compile(r"expected seq (\d+)")
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(
-        model_repository=tiny_repo,
+    yield from serve(
+        tiny_repo,
         metrics_port=-1,
         session_ttl_s=0.08,
         reap_interval_s=0.01,
         max_sessions=6,
         cap_policy="evict_lru",
         max_batch_size=8,
-    ) as srv:
-        yield srv
+    )
 
 
 def test_no_output_ever_mixes_sessions(server: ServerThread, tiny_repo: Path) -> None:

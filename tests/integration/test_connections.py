@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lstm_serve.client import Client, SessionStream
-from tests.helpers.server import ServerThread, xs
+from tests.helpers.server import ServerThread, serve, xs
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -72,11 +72,10 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(
-        model_repository=tiny_repo, keepalive_time_s=0.5, keepalive_timeout_s=0.5,
-        handshake_timeout_s=1.0, max_connection_idle_s=1.0,
-    ) as srv:  # fmt: skip
-        yield srv
+    yield from serve(
+        tiny_repo, keepalive_time_s=0.5, keepalive_timeout_s=0.5, handshake_timeout_s=1.0,
+        max_connection_idle_s=1.0,
+    )  # fmt: skip
 
 
 def _connect(srv: ServerThread) -> socket.socket:

@@ -27,7 +27,8 @@ from lstm_serve.client import AsyncClient, Client, session_steps, step_request
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
 from tests.helpers.proxy import TcpProxy, free_port
-from tests.helpers.server import OnePass, ServerThread, inference_blocked
+from tests.helpers.server import ServerThread, inference_blocked, serve
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 LENGTH = 24  # steps per session
@@ -36,8 +37,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=tiny_repo, metrics_port=-1) as srv:
-        yield srv
+    yield from serve(tiny_repo, metrics_port=-1)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pytest
 
 from lstm_serve.cli.main import build_parser
 from lstm_serve.server.settings import Settings
-from tests.helpers.server import ServerThread
+from tests.helpers.server import ServerThread, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -45,8 +45,7 @@ COMMANDS = doc_commands()
 
 @pytest.fixture(scope="module")
 def server(shipped_models_dir: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=shipped_models_dir) as srv:
-        yield srv
+    yield from serve(shipped_models_dir)
 
 
 def _lstm_serve_args(cmd: str) -> list[str]:

@@ -1,5 +1,5 @@
 """Forecast against a real server: predictions fed back as inputs, checked by feeding them back
-by hand through one ONNX Runtime pass (OnePass); commit, sampling, errors."""
+by hand through one pass of the NumPy oracle (OnePass); commit, sampling, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lstm_serve.client import Client, session_steps
-from tests.helpers.server import OnePass, ServerThread, code_of, xs
+from tests.helpers.server import ServerThread, code_of, serve, xs
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 MAX_HORIZON = 16
@@ -19,14 +20,7 @@ MAX_HORIZON = 16
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=tiny_repo, max_forecast_horizon=MAX_HORIZON) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: ServerThread) -> Iterator[Client]:
-    with Client(server.target) as c:
-        yield c
+    yield from serve(tiny_repo, max_forecast_horizon=MAX_HORIZON)
 
 
 def by_hand(oracle: OnePass, x: np.ndarray, horizon: int) -> np.ndarray:

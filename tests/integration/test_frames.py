@@ -11,21 +11,15 @@ import numpy as np
 import pytest
 
 from lstm_serve.client import Client, Connection, frame_request, session_steps, step_request
-from tests.helpers.server import OnePass, ServerThread, code_of, session_state, xs
+from tests.helpers.server import ServerThread, code_of, serve, session_state, xs
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=tiny_repo, metrics_port=-1) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: ServerThread) -> Iterator[Client]:
-    with Client(server.target) as c:
-        yield c
+    yield from serve(tiny_repo, metrics_port=-1)
 
 
 def test_frames_continue_like_one_pass(client: Client, oracle: OnePass) -> None:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from lstm_serve.client import Client
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from tests.helpers.proxy import health_status
-from tests.helpers.server import ServerThread
+from tests.helpers.server import ServerThread, serve
 
 C = grpc.StatusCode
 OK, INVALID, NOT_FOUND, GAP, EXHAUSTED = (
@@ -57,23 +57,25 @@ class Case:
     allowed: frozenset[grpc.StatusCode]
 
 
+def _victims(c: Client) -> None:
+    for sid in VICTIMS["tiny"]:
+        c.predict("tiny", sid, np.ones((VICTIM_STEPS, 3)), seq=0)
+    for sid in VICTIMS["tinytok"]:
+        c.predict("tinytok", sid, tokens=[1, 2, 3, 4, 5], seq=0)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(
-        model_repository=tiny_repo,
+    yield from serve(
+        tiny_repo,
+        setup=_victims,
         metrics_port=-1,
         max_steps_per_request=MAX_STEPS,
         max_sessions_per_request=MAX_SESSIONS_PER_REQUEST,
         max_message_bytes=MAX_BYTES,
         max_sessions=120,
         max_forecast_horizon=MAX_HORIZON,
-    ) as srv:
-        with Client(srv.target) as c:
-            for sid in VICTIMS["tiny"]:
-                c.predict("tiny", sid, np.ones((VICTIM_STEPS, 3)), seq=0)
-            for sid in VICTIMS["tinytok"]:
-                c.predict("tinytok", sid, tokens=[1, 2, 3, 4, 5], seq=0)
-        yield srv
+    )
 
 
 def _victim_state(server: ServerThread) -> dict[str, tuple[int, int, bytes]]:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 from tests.helpers.server import ServerThread
-from tests.oracle.reference import ReferenceModel
+from tests.oracle.one_pass import OnePass
 
 TRITON_PYTHON = PROJECT_ROOT / ".venv-triton" / "bin" / "python"
 CLIENT = PROJECT_ROOT / "tests" / "triton" / "client.py"
@@ -29,13 +29,6 @@ def need_triton_client() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{TRITON_PYTHON} is missing: `make test` builds it")
         pytest.skip("no tritonclient venv: run `make triton-client`")
-
-
-def one_pass(model: ReferenceModel, x: np.ndarray) -> np.ndarray:
-    """y of one pass over x ([T, F] or [T] ids) from a zero state."""
-    h, c = model.zero_state(1)
-    y, _, _ = model.run(x[None], h, c)
-    return y[0]
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +54,6 @@ def triton_run(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     out = dict(np.load(dst))
     facts = json.loads(str(out.pop("facts")))
     yield inputs, out, facts, sessions
-
-
-@pytest.fixture(scope="module")
-def real(tiny_repo: Path) -> ReferenceModel:
-    return ReferenceModel.from_onnx(tiny_repo / "tiny" / "1" / "model.onnx")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_repo: Path) -> ReferenceModel:
-    return ReferenceModel.from_onnx(tiny_repo / "tinytok" / "1" / "model.onnx")
 
 
 def test_health_metadata_and_config(triton_run: Any) -> None:
@@ -114,21 +97,21 @@ def test_errors_map_to_tritons_statuses(triton_run: Any) -> None:
     assert "batch-size 1" in f["batch_in_sequence"]["message"]
 
 
-def test_stateless_batch_is_each_row_from_zero(triton_run: Any, real: ReferenceModel) -> None:
+def test_stateless_batch_is_each_row_from_zero(triton_run: Any, oracle: OnePass) -> None:
     inputs, out, _, _ = triton_run
-    want = np.stack([one_pass(real, row) for row in inputs["batch"]])
+    want = np.stack([oracle.run(row)[0] for row in inputs["batch"]])
     assert out["batch_y"].shape == (3, 5, 3)
     np.testing.assert_allclose(out["batch_y"], want, atol=ATOL)
     np.testing.assert_allclose(out["typed_y"], want, atol=ATOL)  # typed contents both ways
     np.testing.assert_allclose(out["stream_after"], want, atol=ATOL)
 
 
-def test_interleaved_sequences_equal_one_pass(triton_run: Any, real: ReferenceModel) -> None:
+def test_interleaved_sequences_equal_one_pass(triton_run: Any, oracle: OnePass) -> None:
     inputs, out, _, _ = triton_run
     for got, key in (
         ("unary_a", "seq_a"), ("unary_b", "seq_b"), ("stream_a", "seq_a"), ("stream_b", "seq_b")
     ):  # fmt: skip
-        np.testing.assert_allclose(out[got], one_pass(real, inputs[key]), atol=ATOL)
+        np.testing.assert_allclose(out[got], oracle.run(inputs[key])[0], atol=ATOL)
 
 
 def test_stream_answers_in_order_and_goes_on_after_an_error(triton_run: Any) -> None:
@@ -144,9 +127,9 @@ def test_ended_and_stateless_sessions_are_gone(triton_run: Any) -> None:
     assert triton_run[3] == 1
 
 
-def test_seq_parameter_gives_exactly_once(triton_run: Any, real: ReferenceModel) -> None:
+def test_seq_parameter_gives_exactly_once(triton_run: Any, oracle: OnePass) -> None:
     inputs, out, f, _ = triton_run
-    want = one_pass(real, inputs["seq_a"])[4:]
+    want = oracle.run(inputs["seq_a"])[0][4:]
     np.testing.assert_allclose(out["once_first"][0], want, atol=ATOL)
     np.testing.assert_array_equal(out["once_retry"], out["once_first"])
     first, retry = f["once_params"]
@@ -158,9 +141,9 @@ def test_seq_parameter_gives_exactly_once(triton_run: Any, real: ReferenceModel)
     assert "expected seq 12" in f["once_gap"]["message"]
 
 
-def test_token_model_and_classification(triton_run: Any, tok: ReferenceModel) -> None:
+def test_token_model_and_classification(triton_run: Any, tok_oracle: OnePass) -> None:
     inputs, out, _, _ = triton_run
-    y = one_pass(tok, inputs["tokens"])
+    y = tok_oracle.run(inputs["tokens"])[0]
     np.testing.assert_allclose(out["tok_y"], y, atol=ATOL)
     assert out["tok_top"].shape == (10, 3)
     np.testing.assert_array_equal(out["tok_top"][:, 0], y.argmax(axis=1))

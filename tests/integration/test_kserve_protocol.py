@@ -14,7 +14,8 @@ import pytest
 from lstm_serve.client import Client
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
-from tests.helpers.server import OnePass, ServerThread, all_states, code_of, inference_blocked, xs
+from tests.helpers.server import ServerThread, all_states, code_of, inference_blocked, serve, xs
+from tests.oracle.one_pass import OnePass
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -61,10 +62,7 @@ def y_of(resp: ipb.ModelInferResponse) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(
-        model_repository=tiny_repo, max_steps_per_request=50, max_sessions_per_request=4
-    ) as srv:
-        yield srv
+    yield from serve(tiny_repo, max_steps_per_request=50, max_sessions_per_request=4)
 
 
 @pytest.fixture(scope="module")

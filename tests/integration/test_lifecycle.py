@@ -24,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstm_serve.client import Client, StepResult, session_steps, step_request
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
-from tests.helpers.server import OnePass, ServerThread, code_of, inference_blocked, xs
+from tests.helpers.server import ServerThread, code_of, inference_blocked, xs
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 TINY = ("tiny", "1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -29,18 +29,6 @@ PREDICT = {"grpc_service": SERVICE, "grpc_method": "Predict", "grpc_type": "unar
 STREAM = {"grpc_service": SERVICE, "grpc_method": "Stream", "grpc_type": "bidi_stream"}
 
 Samples = list[tuple[str, dict[str, str], float]]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=tiny_repo) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: ServerThread) -> Iterator[Client]:
-    with Client(server.target) as c:
-        yield c
 
 
 def scrape(srv: ServerThread) -> Samples:

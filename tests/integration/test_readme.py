@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.server import ServerThread
+from tests.helpers.server import ServerThread, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -27,8 +27,7 @@ def _block(lang: str, contains: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(shipped_models_dir: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=shipped_models_dir) as srv:
-        yield srv
+    yield from serve(shipped_models_dir)
 
 
 def test_python_example(server: ServerThread) -> None:

@@ -14,7 +14,7 @@ import pytest
 from lstm_serve.client import Client, frame_request, session_steps, step_request
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
-from tests.helpers.server import ServerThread, all_states, xs
+from tests.helpers.server import ServerThread, all_states, connect, serve, xs
 from tests.integration.test_kserve_protocol import infer
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -23,16 +23,12 @@ LIMIT_KEY = "lstm-serve-max-response-bytes"
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(
-        model_repository=tiny_repo, max_message_bytes=64 * 1024, max_forecast_horizon=100_000
-    ) as srv:
-        yield srv
+    yield from serve(tiny_repo, max_message_bytes=64 * 1024, max_forecast_horizon=100_000)
 
 
 @pytest.fixture(scope="module")
 def client(server: ServerThread) -> Iterator[Client]:
-    with Client(server.target) as c:
-        yield c
+    yield from connect(server)
 
 
 def _refused(fn: object, code: grpc.StatusCode = INVALID) -> str:

@@ -14,23 +14,27 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import numpy as np
 import pytest
 
 from lstm_serve.client import Client, session_steps, step_request
+from lstm_serve.core.engine import LoadedModel
+from lstm_serve.core.repository import load_repository
 from lstm_serve.core.snapshot import write_snapshot
 from lstm_serve.core.store import Captured, CapturedReplay
 from tests.helpers.proxy import ServeProcess, health_status
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import ServerThread
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def oracles(tiny_repo: Path) -> dict[str, OnePass]:
-    return {m: OnePass(tiny_repo / m / "1") for m in ("tiny", "tinytok")}
+def oracles(oracle: OnePass, tok_oracle: OnePass) -> dict[str, OnePass]:
+    return {"tiny": oracle, "tinytok": tok_oracle}
 
 
 def read_snapshot(path: Path) -> dict[str, int]:
@@ -167,18 +171,10 @@ def test_sigkill_keeps_exactly_the_last_periodic_snapshot(
 
 
 def _meta(tiny_repo: Path, **change: object) -> dict[str, object]:
-    from lstm_serve.core.repository import load_repository
-
-    m = load_repository(tiny_repo).get("tiny").manifest
-    meta: dict[str, object] = {
-        "name": m.name,
-        "version": m.version,
-        "layers": m.layers,
-        "hidden_size": m.hidden_size,
-        "output_dim": m.output_dim,
-        "sha256": m.sha256,
-    }
-    return {**meta, **change}
+    """The meta a server writes into tiny's snapshot (LoadedModel.snapshot_meta), changed."""
+    mv = load_repository(tiny_repo).get("tiny")
+    lm = LoadedModel(mv, scheduler=cast(Any, None), label="tiny")  # snapshot_meta reads mv only
+    return {**lm.snapshot_meta, **change}
 
 
 def _snapshot(keys: list[str], n: int, layers: int = 2, hidden: int = 16) -> Captured:

@@ -17,7 +17,8 @@ from lstm_serve.client import Client, Connection, session_steps, step_request
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from tests.helpers.certs import Pki
 from tests.helpers.proxy import health_status
-from tests.helpers.server import OnePass, ServerThread
+from tests.helpers.server import ServerThread
+from tests.oracle.one_pass import OnePass
 
 C = grpc.StatusCode
 ATOL = 1e-5

@@ -1,12 +1,12 @@
 """Session lifecycle against a real server: TTL expiry, the session cap (refuse / evict_lru),
-ResetSession, EndSession and per-model namespacing. Outputs are checked against one ONNX
-Runtime pass over the whole sequence (OnePass)."""
+ResetSession, EndSession and per-model namespacing. Outputs are checked against one pass of
+the NumPy oracle over the whole sequence (OnePass)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from lstm_serve.client import Client, StepResult, session_steps, step_request
-from tests.helpers.server import OnePass, ServerThread, code_of, inference_blocked, xs
+from tests.helpers.server import ServerThread, code_of, inference_blocked, xs
+from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
 TINY = ("tiny", "1")
@@ -251,18 +252,6 @@ def test_cap_evict_lru_never_evicts_a_busy_session(tiny_repo: Path, oracle: OneP
 
 
 # -- reset / end -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tiny_repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(model_repository=tiny_repo) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: ServerThread) -> Iterator[Client]:
-    with Client(server.target) as c:
-        yield c
 
 
 def test_reset_session_zeroes_state(client: Client, oracle: OnePass) -> None:

@@ -7,4 +7,6 @@ servers.py  runs echo, naive or lstm-serve in a subprocess (its CPU and RSS are 
 loadgen.py  the load generator: worker processes of grpc.aio clients
 memory.py   RSS of many idle sessions against the raw bytes of their state
 plots.py    the PNG plots; run.py the command itself
+procs/      redis-server, lstm-serve replicas and Envoy as real processes (scripts/bench_cluster.py,
+            scripts/bench_scaling.py and the cluster tests)
 """

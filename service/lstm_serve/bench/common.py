@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import platform
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -52,53 +49,25 @@ class BenchModel:
         return d
 
 
-def prepare_model(
-    repository: Path, name: str, version: str, workdir: Path, *, allow_fallback: bool = True
-) -> BenchModel:
-    """Copy the benchmark model into workdir/models (so servers load only it).
-
-    When repository holds no loadable `name`, build a stand-in of the shipped forecaster's
-    shape (2 layers x 96 hidden, 2 inputs, 2 outputs) with tests.helpers.models, and say so.
-    """
+def prepare_model(repository: Path, name: str, version: str, workdir: Path) -> BenchModel:
+    """Copy the benchmark model into workdir/models (so servers load only it)."""
     from lstm_serve.core.repository import load_repository
 
     repo = load_repository(repository, check_graph=True)
-    target = workdir / "models"
-    if name in repo.models:
-        mv = repo.get(name, version)
-        m = mv.manifest
-        dst = target / m.name / m.version
-        shutil.copytree(mv.directory, dst)
-        source = f"{mv.directory} (sha256 {m.sha256[:12]})"
-    else:
-        if not allow_fallback:
-            raise RuntimeError(f"model {name!r} not found in {repository}")
-        print(
-            f"note: {repository}/{name} has no loadable version; benchmarking a freshly exported "
-            f"stand-in of the forecaster's shape (2 layers x 96 hidden, 2 in, 2 out) instead",
-            flush=True,
+    if name not in repo.models:
+        have = ", ".join(sorted(repo.models)) or "none"
+        raise RuntimeError(
+            f"model {name!r} not found in {repository} (it has: {have}); "
+            "pass --model-repository or --model"
         )
-        dst = _build_standin(target, name)
-        source = "stand-in: random weights, 2 layers x 96 hidden, 2 in, 2 out (tests.helpers)"
-    built = load_repository(target)
-    mv = built.get(name if name in built.models else next(iter(built.models)))
+    mv = repo.get(name, version)
     m = mv.manifest
+    target = workdir / "models"
+    shutil.copytree(mv.directory, target / m.name / m.version)
     return BenchModel(
         target, m.name, m.version, m.kind.value, m.input_dim, m.output_dim, m.layers,
-        m.hidden_size, source,
+        m.hidden_size, f"{mv.directory} (sha256 {m.sha256[:12]})",
     )  # fmt: skip
-
-
-def _build_standin(root: Path, name: str) -> Path:
-    try:
-        helpers: Any = importlib.import_module("tests.helpers.models")
-    except ImportError:  # the console script does not put the checkout on sys.path
-        sys.path.insert(0, str(REPO_ROOT))
-        helpers = importlib.import_module("tests.helpers.models")
-    version_dir: Path = helpers.make_model_repo(
-        root, name=name, kind="real", input_dim=2, output_dim=2, hidden=96, layers=2, seed=0
-    )
-    return version_dir
 
 
 def make_workdir() -> Path:

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from lstm_serve.bench.common import (
     BenchModel,
     cpu_seconds,
@@ -242,7 +244,7 @@ async def _serve(args: argparse.Namespace) -> None:
             lm = lstm.engine.model(mv.manifest.name, mv.manifest.version)
             dropped = len(lm.scheduler.replay)
             lm.scheduler.replay = ReplayCache(lm.scheduler.replay.budget)
-            lm.store.replay[:] = None
+            lm.store.forget_answers(np.arange(lm.store.capacity))
             gc.collect()
             _malloc_trim()
             return {"replay_entries_dropped": dropped}

@@ -282,9 +282,9 @@ class Engine:
         for lm in self.models.values():
             if lm.sync is not None:  # the drain's last writes
                 await lm.sync.close()
+            await asyncio.to_thread(lm.scheduler.close)
         if self.store_health is not None:
             await self.store_health.close()
-            await asyncio.to_thread(lm.scheduler.close)
 
     # -- models --------------------------------------------------------------------------------
 

