@@ -60,7 +60,7 @@ async def main() -> None:
             store = SessionStore(4096, m.layers, m.hidden_size, m.output_dim)
             scheds[mode] = Scheduler(
                 rt, store, ReplayCache(64 << 20), no_probes(), Limits(inline_max_steps=inline),
-                mode, token=False,
+                mode,
             )  # fmt: skip
         ids = [f"s{i}" for i in range(b)]
         x = np.random.default_rng(0).normal(size=(b, t, m.input_dim)).astype(np.float32)

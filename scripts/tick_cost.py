@@ -57,7 +57,7 @@ async def per_request_us(
 ) -> float:
     m = mv.manifest
     store = SessionStore(max(4096, n), m.layers, m.hidden_size, m.output_dim)
-    sched = Scheduler(runtime, store, ReplayCache(1 << 26), probes, Limits(), "bench", token=False)
+    sched = Scheduler(runtime, store, ReplayCache(1 << 26), probes, Limits(), "bench")
     x = np.ones(m.input_dim, np.float32).tobytes()
     reqs = [pb.StepRequest(sessions=[pb.SessionSteps(session_id=f"s{i}", x=x)]) for i in range(n)]
     keys = [[f"s{i}"] for i in range(n)]
@@ -85,7 +85,7 @@ async def per_session_us_frame(
 
     m = mv.manifest
     store = SessionStore(max(4096, n), m.layers, m.hidden_size, m.output_dim)
-    sched = Scheduler(runtime, store, ReplayCache(1 << 26), probes, Limits(), "bench", token=False)
+    sched = Scheduler(runtime, store, ReplayCache(1 << 26), probes, Limits(), "bench")
     ids = [f"gateway-7/s{i}" for i in range(n)]
     data = frame_request(
         m.name, ids, np.full((n, 1, m.input_dim), 0.5, np.float32)

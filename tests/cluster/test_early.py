@@ -146,7 +146,7 @@ class Sum:
 
 def replica(client: aioredis.Redis) -> tuple[Scheduler, StateSync]:
     sched = Scheduler(
-        Sum(), SessionStore(16, 1, 1, 1), ReplayCache(1 << 20), no_probes(), Limits(), "t", False
+        Sum(), SessionStore(16, 1, 1, 1), ReplayCache(1 << 20), no_probes(), Limits(), "t"
     )
     remote = RedisRemote(client, "early-core", 1, 1, 1, 60.0, 8)
     return sched, StateSync(sched, remote, no_probes(), acked=False, replies=8)

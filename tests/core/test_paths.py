@@ -94,7 +94,6 @@ class Side:
             no_probes(),
             Limits(cap_policy=policy),
             "paths",
-            token=False,
         )
         self.sched.scalar = scalar
         self.scalar_answers = 0  # requests the scalar path answered

@@ -63,9 +63,7 @@ class WorkerDeath(BaseException):
 def make(limits: Limits | None = None, capacity: int = 64) -> tuple[Scheduler, Counting]:
     rt = Counting()
     store = SessionStore(capacity, LAYERS, HIDDEN, DIM)
-    sched = Scheduler(
-        rt, store, ReplayCache(1 << 20), no_probes(), limits or Limits(), "test", token=False
-    )
+    sched = Scheduler(rt, store, ReplayCache(1 << 20), no_probes(), limits or Limits(), "test")
     return sched, rt
 
 

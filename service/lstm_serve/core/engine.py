@@ -167,9 +167,8 @@ class Engine:
             store = SessionStore(s.max_sessions, m.layers, m.hidden_size, m.output_dim)
             probes = self._probes(label)
             sched = Scheduler(
-                runtime, store, ReplayCache(s.replay_cache_bytes), probes, limits, label,
-                m.kind is Kind.token,
-            )  # fmt: skip
+                runtime, store, ReplayCache(s.replay_cache_bytes), probes, limits, label
+            )
             lm = LoadedModel(mv, sched, label)
             sched.on_broken = lambda reason, name=m.name: self._model_failed(name, reason)
             if s.state_store == "memory":

@@ -66,7 +66,6 @@ class Scheduler:
         probes: Probes,
         limits: Limits,
         label: str,
-        token: bool,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.runtime = runtime
@@ -75,7 +74,6 @@ class Scheduler:
         self.probes = probes
         self.limits = limits
         self.label = label
-        self.token = token
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}")
         self._own_executor = executor is None
         self.pending: deque[Job] = deque()
