@@ -8,7 +8,7 @@ what every other stream waits for meanwhile).
 
     .venv/bin/python scripts/inline_threshold.py
 
-Not part of CI; docs/benchmarks.md quotes its output. inline_max_steps (the setting) is the
+Not part of CI; docs/bench/hot-path/README.md quotes its output. inline_max_steps (the setting) is the
 largest B x T for which inline is chosen.
 """
 

@@ -59,13 +59,19 @@ class Cluster:
                 r.kill()
 
 
-@pytest.fixture
-def cluster(tiny_repo: Path, redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tiny_repo, redis_server, tmp_path).start(3)
+def _running(
+    repo: Path, redis: RedisServer, tmp_path: Path, n: int, **settings: str
+) -> Iterator[Cluster]:
+    c = Cluster(repo, redis, tmp_path, **settings).start(n)
     try:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def cluster(tiny_repo: Path, redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
+    yield from _running(tiny_repo, redis_server, tmp_path, 3)
 
 
 PIPELINE = 3  # requests of one stream in flight at once
@@ -73,11 +79,7 @@ PIPELINE = 3  # requests of one stream in flight at once
 
 @pytest.fixture
 def early_cluster(tiny_repo: Path, redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tiny_repo, redis_server, tmp_path, state_answer="early").start(3)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from _running(tiny_repo, redis_server, tmp_path, 3, state_answer="early")
 
 
 async def stream_all(
@@ -314,13 +316,9 @@ def test_more_streams_than_envoys_default_limits_all_get_answers(
 
 
 @pytest.fixture
-def pair(tiny_repo: Path, redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
+def envoy_pair(tiny_repo: Path, redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
     """Two replicas behind an Envoy that has just started."""
-    c = Cluster(tiny_repo, redis_server, tmp_path).start(2)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from _running(tiny_repo, redis_server, tmp_path, 2)
 
 
 def sessions_by_replica(envoy: Envoy, client: Client, n: int = 24) -> dict[int, list[str]]:
@@ -352,7 +350,7 @@ def seconds(duration: object) -> float:
 
 @pytest.mark.timeout(90)
 def test_a_replica_killed_in_envoys_first_minute_leaves_the_ring_within_seconds(
-    pair: Cluster,
+    envoy_pair: Cluster,
 ) -> None:
     """Envoy health-checks once a minute until the cluster has carried traffic, and the check
     then due stays scheduled: without no_traffic_interval a replica killed in Envoy's first
@@ -360,8 +358,8 @@ def test_a_replica_killed_in_envoys_first_minute_leaves_the_ring_within_seconds(
     further, sent about half of its sessions back to it (UNAVAILABLE all that time). Here every
     one of its sessions reaches the survivor at once, and the health checks take it out of the
     ring within two intervals."""
-    victim, survivor = pair.replicas
-    envoy = pair.envoy
+    victim, survivor = envoy_pair.replicas
+    envoy = envoy_pair.envoy
     hc = shipped_health_check()
     out_within = seconds(hc["interval"]) * int(str(hc["unhealthy_threshold"])) + 3
     with Client(envoy.target, timeout=10) as client:
@@ -386,16 +384,16 @@ def test_a_replica_killed_in_envoys_first_minute_leaves_the_ring_within_seconds(
 
 @pytest.mark.timeout(90)
 def test_a_crash_ends_streams_through_envoy_with_internal_rst_stream_and_sessions_resume(
-    pair: Cluster, oracle: OnePass
+    envoy_pair: Cluster, oracle: OnePass
 ) -> None:
     """Once a stream's answer headers have gone out, Envoy cannot end it with a status: it
     resets it, and gRPC maps that reset to INTERNAL, not UNAVAILABLE (docs/operations.md, "A
     replica crash"). The client library's session streams resume on it; the session ends equal
     to one pass."""
-    victim = pair.replicas[0]
+    victim = envoy_pair.replicas[0]
     x = xs(11, 6)
-    with Client(pair.envoy.target, timeout=10) as client:
-        raw_sid, sdk_sid = sessions_by_replica(pair.envoy, client)[victim.port][:2]
+    with Client(envoy_pair.envoy.target, timeout=10) as client:
+        raw_sid, sdk_sid = sessions_by_replica(envoy_pair.envoy, client)[victim.port][:2]
         # A plain gRPC stream, as another client would hold it, with one answer received.
         requests: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
         raw = client.stub.Stream(

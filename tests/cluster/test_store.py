@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,17 +19,6 @@ from tests.helpers.server import ServerThread, xs
 from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
-
-
-@pytest.fixture
-def pair(tiny_repo: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
-    a = ServerThread(model_repository=tiny_repo, state_store=redis_server.url).start()
-    b = ServerThread(model_repository=tiny_repo, state_store=redis_server.url).start()
-    try:
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
 
 
 def stored(r: RedisServer, session: str) -> tuple[np.ndarray, np.ndarray, int]:

@@ -5,7 +5,6 @@ later session of the same id."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,17 +27,6 @@ def store_calls(r: RedisServer) -> int:
     stats = r.client().info("commandstats")
     used = {"cmdstat_evalsha", "cmdstat_eval", "cmdstat_script|load", "cmdstat_hget"}
     return sum(int(v["calls"]) for k, v in stats.items() if k in used)
-
-
-@pytest.fixture
-def pair(tiny_repo: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
-    a = ServerThread(model_repository=tiny_repo, state_store=redis_server.url).start()
-    b = ServerThread(model_repository=tiny_repo, state_store=redis_server.url).start()
-    try:
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
 
 
 @pytest.mark.parametrize("answer", ["acked", "early"])

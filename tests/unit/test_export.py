@@ -372,7 +372,7 @@ def test_forecaster_baselines_reproduce_from_their_recorded_params(shipped: Any)
 #                     dew_point_c MAE 4.9e-5, RMSE 5.6e-5
 #   linear_ar h1, h24: every score 4.2e-14 or less, coefficients 2.7e-14 or less
 #   persistence, seasonal_naive_24: 0 (no fit)
-# An AVX-512 EPYC (issue 19) gave holt_winters h1 MAE 0.82864 (here 0.828515 to 0.828591). The
+# An AVX-512 EPYC gave holt_winters h1 MAE 0.82864 (here 0.828515 to 0.828591). The
 # choices never moved (validation MAE margins: trend 0.01 at 1 h, 0.1 at 24 h; VAR lags 6e-4
 # at 1 h, 0.011 at 24 h). Tolerances: about 4 times the largest spread at each horizon for
 # Holt-Winters; the rounding of RECORDED_ABS for the other scores; for VAR coefficients 1e-10,

@@ -23,6 +23,9 @@ MAX_SESSION_ID = 256
 # Joins a principal and a session id into a store key; control characters never appear in
 # either (they are refused), so keys of different principals never collide.
 KEY_SEP = "\x1f"
+# The prefix of the ids of sessions that live for one request only (the Open Inference Protocol
+# without a sequence id: reset and ended by that request, under a random tag no client knows).
+ONE_REQUEST = "~oip/"
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 

@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from lstm_serve.core.errors import FailedPrecondition, ServiceError, Unavailable
-from lstm_serve.core.frame import Frame
+from lstm_serve.core.frame import ONE_REQUEST, Frame
 from lstm_serve.core.jobs import Job, Limits, OpJob, StepJob
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.remote import Claim, Remote, Reply, State, StoreDown, Write
@@ -73,9 +73,6 @@ class AnswerMode(StrEnum):
 
 Failed = frozenset[str]  # the keys of a batch whose write did not land
 
-# The ids server/kserve_convert.py gives the sessions of an Open Inference Protocol request
-# without a sequence id: each is reset and ended by that request, and no other request names it.
-PRIVATE = "~oip/"
 # Sessions whose answered steps were not stored, remembered (early mode) until the client is
 # told; the oldest are forgotten past this many.
 LOST_MAX = 65_536
@@ -315,7 +312,9 @@ class StateSync:
         once = frame.reset & frame.end
         if not once.any():
             return missing
-        skip = {keys[i] for i in np.flatnonzero(once).tolist() if frame.ids[i].startswith(PRIVATE)}
+        skip = {
+            keys[i] for i in np.flatnonzero(once).tolist() if frame.ids[i].startswith(ONE_REQUEST)
+        }
         return [k for k in missing if k not in skip]
 
     def _tell_lost(self, job: Job) -> bool:

@@ -195,7 +195,7 @@ def decode(req: ipb.ModelInferRequest, m: Manifest) -> tuple[F.Frame, Decoded]:
             )
         # Ids no client chooses; the sessions live for this request only.
         tag = uuid.uuid4().hex
-        ids = [f"~oip/{tag}/{i}" for i in range(batch)]
+        ids = [f"{F.ONE_REQUEST}{tag}/{i}" for i in range(batch)]
         frame = F.Frame(
             ids, np.full(batch, F.APPEND, np.int64), np.ones(batch, bool),
             [F.Block(np.arange(batch, dtype=np.int64), x)], np.ones(batch, bool),

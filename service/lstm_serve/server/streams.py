@@ -41,7 +41,7 @@ async def pipeline(
 
     The answering side sleeps until its next answer is ready, not until its request is read
     (the reader chains the wake-up to that request's future): one task wake-up per message
-    fewer than waking it to wait again, which the profiles in docs/benchmarks.md count."""
+    fewer than waking it to wait again (counted in the hot-path-4 profiles, docs/bench/)."""
     loop = asyncio.get_running_loop()
     items: deque[tuple[Req, P | ServiceError] | None] = deque()
     outstanding = 0  # read and not yet answered
