@@ -24,7 +24,7 @@ def test_split_spreads_streams_over_workers() -> None:
 
 def test_targets_without_data_are_not_judged() -> None:
     ts = report.targets({})
-    assert len(ts) == 5
+    assert len(ts) == 6
     assert all(t["ok"] is None for t in ts)
 
 
@@ -66,8 +66,9 @@ def test_quick_bench_writes_json(tmp_path: Path) -> None:
     assert [r["sessions"] for r in rows] == [500, 1500]
     assert rows[-1]["sessions_reported"] == 1500
     assert all(r["raw_state_bytes"] == r["sessions"] * 2 * 2 * 8 * 4 for r in rows)
-    assert len(result["targets"]) == 5
+    assert len(result["targets"]) == 6
     assert all(t["ok"] is not None for t in result["targets"])
+    assert all(r["cpu_s_per_1k_steps"] > 0 for r in result["raw_ort"])
     assert "| target |" in (out / "results.md").read_text()
 
 
@@ -117,6 +118,28 @@ def test_gpu_targets_compare_gateway_frames_with_raw_ort_at_batch_1024() -> None
     names = [t["name"] for t in report.targets(results)]
     assert "gateway frames of 1024 sessions: lstm-serve / raw ORT at batch 1024 (cpu)" in names
     assert not any("GPU-resident" in n for n in names)
+
+
+def test_cpu_per_session_step_is_judged_against_raw_orts_cpu_per_row() -> None:
+    """Server CPU per session-step over raw ORT's CPU per row, on the CPU only (a GPU's host
+    CPU per row measures something else)."""
+    raw = {**_row(1024, "cpu", 100_000.0), "cpu_s_per_1k_steps": 0.004}
+    load = {"steps": 1000, "steps_per_s": 80_000.0, "server_cpu_s_per_1k_steps": 0.008}
+    results = {
+        "meta": {"device": "cpu"},
+        "raw_ort": [raw],
+        "servers": {"lstm-serve": {"loads": {"gateway1024": load}}},
+    }
+    by_name = {t["name"]: t for t in report.targets(results)}
+    t = by_name["gateway frames of 1024: server CPU per session-step / ORT CPU per row"]
+    assert t["value"] == pytest.approx(2.0) and t["ok"] is False and "8.00 / 4.00 us" in t["detail"]
+    assert (
+        by_name["gateway frames of 256: server CPU per session-step / ORT CPU per row"]["ok"]
+        is None
+    )  # not measured
+    results["meta"], results["raw_ort"] = {"device": "cuda"}, [{**raw, "binding": "host"}]
+    names = [t["name"] for t in report.targets(results)]
+    assert not any("1024: server CPU" in n for n in names)
 
 
 def test_gateway1024_runs_by_default_only_on_cuda() -> None:

@@ -95,6 +95,7 @@ def measure(
                     call()
                 lat: list[float] = []
                 end = time.perf_counter() + seconds
+                cpu0 = time.process_time()  # the process's CPU: ORT's threads included
                 while True:
                     t0 = time.perf_counter()
                     call()
@@ -102,6 +103,7 @@ def measure(
                     lat.append(t1 - t0)
                     if t1 >= end and len(lat) >= min_calls:
                         break
+                cpu = time.process_time() - cpu0
                 busy = float(np.sum(lat))
                 summary = latency_summary(lat)
                 row: dict[str, Any] = {
@@ -111,6 +113,7 @@ def measure(
                     "binding": mode,
                     "calls": len(lat),
                     "steps_per_s": b * t * len(lat) / busy,
+                    "cpu_s_per_1k_steps": 1000.0 * cpu / (b * t * len(lat)),
                     "latency_ms": summary,
                 }
                 results.append(row)

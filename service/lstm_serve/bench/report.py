@@ -73,6 +73,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         lg["steps_per_s"] / raw["steps_per_s"] if lg and raw else None, ">=", 0.5,
         f"{lg['steps_per_s']:,.0f} / {raw['steps_per_s']:,.0f} steps/s" if lg and raw else "",
     )  # fmt: skip
+    for n in (256, 1024):  # CPU per session-step against ORT's own per row (not on a GPU)
+        lg, raw = _load(results, "lstm-serve", f"gateway{n}"), _raw(results, n)
+        value, detail = None, ""
+        if lg and raw and raw.get("binding", "cpu") == "cpu" and "cpu_s_per_1k_steps" in raw:
+            server, ort_ = lg["server_cpu_s_per_1k_steps"], raw["cpu_s_per_1k_steps"]
+            value, detail = server / ort_, f"{1e3 * server:.2f} / {1e3 * ort_:.2f} us"
+        if n == 256 or value is not None:
+            add(
+                f"gateway frames of {n}: server CPU per session-step / ORT CPU per row",
+                value, "<=", 1.5, detail,
+            )  # fmt: skip
     lg, raw = _load(results, "lstm-serve", "gateway1024"), _raw(results, 1024)
     if lg and raw:  # the GPU figure: a batch large enough to fill the card
         dev = results.get("meta", {}).get("device", "cpu")
