@@ -13,25 +13,31 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from lstm_serve.core import frame as F
-from lstm_serve.core.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from lstm_serve.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
 from lstm_serve.core.jobs import Limits, SessionStatus, StepResult
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.remote import StoreDown
 from lstm_serve.core.replay import ReplayCache
-from lstm_serve.core.repository import Kind, Manifest, ModelVersion, Repository
+from lstm_serve.core.repository import Kind, Manifest, ModelVersion, Repository, load_version
 from lstm_serve.core.rollout import ForecastResult, Rollout, Sampling
 from lstm_serve.core.runtime import Device, ModelRuntime, choose_device
 from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.snapshot import read_snapshot, write_snapshot
 from lstm_serve.core.store import CapPolicy, SessionStore
 from lstm_serve.core.sync import AnswerMode, StateSync, StoreHealth
+from lstm_serve.core.versions import LoadedModel, Versions, check_retired
 
 logger = logging.getLogger(__name__)
 
@@ -88,33 +94,6 @@ class EngineSettings(Protocol):
     def state_replies(self) -> int: ...
 
 
-@dataclass(eq=False)
-class LoadedModel:
-    mv: ModelVersion
-    scheduler: Scheduler
-    label: str
-
-    @property
-    def store(self) -> SessionStore:
-        return self.scheduler.store
-
-    @property
-    def sync(self) -> StateSync | None:
-        return self.scheduler.sync
-
-    @property
-    def token(self) -> bool:
-        return self.mv.manifest.kind is Kind.token
-
-    @property
-    def snapshot_meta(self) -> dict[str, object]:
-        m = self.mv.manifest
-        return {
-            "name": m.name, "version": m.version, "layers": m.layers,
-            "hidden_size": m.hidden_size, "output_dim": m.output_dim, "sha256": m.sha256,
-        }  # fmt: skip
-
-
 def session_key(principal: str, session_id: str) -> str:
     return f"{principal}{F.KEY_SEP}{session_id}" if principal else session_id
 
@@ -132,8 +111,8 @@ class Engine:
         self._probes = probes
         # (model label or "-", method, code): counts requests refused before they queue.
         self._count = requests or (lambda label, method, code: None)
-        self.models: dict[tuple[str, str], LoadedModel] = {}
-        self._resolved: dict[tuple[str, str], LoadedModel] = {}
+        # The loaded versions; repository keeps those that serve new sessions.
+        self.versions = Versions(repository)
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_lock = asyncio.Lock()
@@ -157,36 +136,42 @@ class Engine:
             s.max_batch_size, s.max_queue, s.inline_max_steps, s.cap_policy, s.inference_stall_s,
             s.max_batches_in_flight,
         )  # fmt: skip
+        self._choice, self._limits = choice, limits
         for mv in self.repository.all():
-            m = mv.manifest
-            label = f"{m.name}:{m.version}"
-            runtime = await asyncio.to_thread(
-                ModelRuntime, mv, choice, s.intra_op_threads, s.cuda_cpu_max_steps
-            )
-            await asyncio.to_thread(runtime.warm_up)
-            store = SessionStore(s.max_sessions, m.layers, m.hidden_size, m.output_dim)
-            probes = self._probes(label)
-            sched = Scheduler(
-                runtime, store, ReplayCache(s.replay_cache_bytes), probes, limits, label
-            )
-            lm = LoadedModel(mv, sched, label)
-            sched.on_broken = lambda reason, name=m.name: self._model_failed(name, reason)
-            if s.state_store == "memory":
-                self._restore(lm)
-            else:  # the shared store holds the sessions: replicas start empty
-                self._share(lm, probes)
-            self.models[mv.key] = lm
-            probes.sessions.set(len(store))
-            probes.capacity.set(s.max_sessions)
-            logger.info(
-                "model %s loaded (%s, %d layers x %d hidden, %s, %d sessions restored)",
-                label, m.kind.value, m.layers, m.hidden_size, runtime.device, len(store),
-            )  # fmt: skip
+            self.versions.add(await self._load_one(mv))
         self._tasks.append(asyncio.create_task(self._reap_forever()))
         shared = s.state_store != "memory"
         if s.snapshot_dir is not None and s.snapshot_interval_s > 0 and not shared:
             self._tasks.append(asyncio.create_task(self._snapshot_forever()))
         self._accepting = True
+
+    async def _load_one(self, mv: ModelVersion) -> LoadedModel:
+        """A version's runtime (warmed up), store and scheduler; its sessions restored."""
+        s = self.settings
+        m = mv.manifest
+        label = f"{m.name}:{m.version}"
+        runtime = await asyncio.to_thread(
+            ModelRuntime, mv, self._choice, s.intra_op_threads, s.cuda_cpu_max_steps
+        )
+        await asyncio.to_thread(runtime.warm_up)
+        store = SessionStore(s.max_sessions, m.layers, m.hidden_size, m.output_dim)
+        probes = self._probes(label)
+        sched = Scheduler(
+            runtime, store, ReplayCache(s.replay_cache_bytes), probes, self._limits, label
+        )
+        lm = LoadedModel(mv, sched, label)
+        sched.on_broken = lambda reason, name=m.name: self._model_failed(name, reason)
+        if s.state_store == "memory":
+            self._restore(lm)
+        else:  # the shared store holds the sessions: replicas start empty
+            self._share(lm, probes)
+        probes.sessions.set(len(store))
+        probes.capacity.set(s.max_sessions)
+        logger.info(
+            "model %s loaded (%s, %d layers x %d hidden, %s, %d sessions restored)",
+            label, m.kind.value, m.layers, m.hidden_size, runtime.device, len(store),
+        )  # fmt: skip
+        return lm
 
     def _model_failed(self, name: str, reason: str) -> None:
         if self.on_model_failed is not None:
@@ -287,18 +272,14 @@ class Engine:
 
     # -- models --------------------------------------------------------------------------------
 
+    @property
+    def models(self) -> dict[tuple[str, str], LoadedModel]:
+        """Every loaded version, those being unloaded included."""
+        return self.versions.loaded
+
     def model(self, name: str, version: str = "") -> LoadedModel:
-        # Asked once per request: remember each (name, version) asked for that resolved (the
-        # repository does not change while the server runs).
-        lm = self._resolved.get((name, version))
-        if lm is not None:
-            return lm
-        mv = self.repository.get(name, version)
-        lm = self.models.get(mv.key)
-        if lm is None:
-            raise NotFound(f"model {name!r} version {mv.manifest.version!r} is not loaded")
-        self._resolved[(name, version)] = lm
-        return lm
+        """A loaded version, or (version "") the default version of name."""
+        return self.versions.get(name, version)
 
     def list_models(self) -> list[ModelVersion]:
         return [lm.mv for lm in self.models.values()]
@@ -357,11 +338,75 @@ class Engine:
         try:
             frame = self._frame(lm, source)
             keys = frame.ids if not principal else [session_key(principal, i) for i in frame.ids]
-            fut = lm.scheduler.submit_step(frame, keys, deadline)
-            return fut if lm.sync is None else lm.sync.acked(fut, keys)
+            if not version and self.versions.others(name):
+                return self._submit_routed(lm, source, frame, keys, deadline)
+            if lm.retired_at is not None:
+                check_retired(lm, self._default_version(name), lm.store.lookup(keys) >= 0,
+                              frame.reset)  # fmt: skip
+            return self._submit(lm, frame, keys, deadline)
         except ServiceError as exc:
             self._refused(lm, "Step", exc)
             raise
+
+    def _submit(
+        self, lm: LoadedModel, frame: F.Frame, keys: list[str], deadline: float | None
+    ) -> asyncio.Future[StepResult]:
+        fut = lm.scheduler.submit_step(frame, keys, deadline)
+        return fut if lm.sync is None else lm.sync.acked(fut, keys)
+
+    def _pin(self, lm: LoadedModel, name: str, version: str, key: str) -> LoadedModel:
+        """The version a call on one session goes to: the one that holds it (versions.py)."""
+        if version or not self.versions.others(name):
+            return lm
+        parts = self.versions.route(lm, [key], np.zeros(1, bool))
+        return next(p for p, rows in parts if len(rows))
+
+    def _default_version(self, name: str) -> str:
+        try:
+            return self.versions.get(name).version
+        except NotFound:
+            return ""
+
+    def _submit_routed(
+        self,
+        default: LoadedModel,
+        source: FrameSource,
+        frame: F.Frame,
+        keys: list[str],
+        deadline: float | None,
+    ) -> asyncio.Future[StepResult]:
+        """A request naming no version while other versions are loaded: each session goes on
+        on the version that holds it (versions.py). Rows on several versions are split into
+        one request per version; each is applied or refused on its own (a retry with seq
+        replays what was applied), and the answer is the first error or all rows' answers."""
+        parts = self.versions.route(default, keys, frame.reset)
+        dv = default.version
+        subs: list[tuple[LoadedModel, np.ndarray, F.Frame]] = []
+        for lm, rows in parts:
+            if not len(rows):
+                continue
+            whole = len(rows) == len(keys)
+            f = frame if lm is default else self._frame(lm, source)
+            sub = f if whole else F.take(f, rows)
+            if lm.retired_at is not None:
+                sk = keys if whole else [keys[i] for i in rows.tolist()]
+                check_retired(lm, dv, lm.store.lookup(sk) >= 0, sub.reset)
+            subs.append((lm, rows, sub))
+        # A reset starts its session on the default version: drop its copy elsewhere.
+        if frame.reset.any():
+            for i in np.flatnonzero(frame.reset).tolist():
+                for other in self.versions.others(default.mv.manifest.name):
+                    if other.store.slot(keys[i]) is not None:
+                        op = other.scheduler.submit_op("end", frame.ids[i], keys[i], "EndSession")
+                        op.add_done_callback(_retrieve)
+        if len(subs) == 1:
+            lm, _, sub = subs[0]
+            return self._submit(lm, sub, keys if sub is frame else sub.ids, deadline)
+        futs = []
+        for lm, rows, sub in subs:
+            sk = [keys[i] for i in rows.tolist()]
+            futs.append(self._submit(lm, sub, sk, deadline))
+        return asyncio.ensure_future(_merge(frame.ids, [r for _, r, _ in subs], futs))
 
     # -- forecast ------------------------------------------------------------------------------
 
@@ -382,9 +427,13 @@ class Engine:
         when the answer would not reach the client (checked before anything is applied)."""
         sampling = sampling or Sampling()
         lm = self._admit("Forecast", name, version)
+        lm = self._pin(lm, name, version, session_key(principal, session_id))
         try:
             m = lm.mv.manifest
             F.check_ids([session_id], 1)
+            if lm.retired_at is not None:
+                held = lm.store.slot(session_key(principal, session_id)) is not None
+                check_retired(lm, self._default_version(name), np.array([held]), np.zeros(1, bool))
             if not 1 <= horizon <= self.settings.max_forecast_horizon:
                 raise InvalidArgument(
                     f"horizon {horizon} is outside [1, {self.settings.max_forecast_horizon}]"
@@ -440,6 +489,7 @@ class Engine:
     ) -> tuple[ModelVersion, SessionStatus]:
         lm = self._admit("GetSession", name, version)
         key = session_key(principal, session_id)
+        lm = self._pin(lm, name, version, key)
         try:
             F.check_ids([session_id], 1)
             status = lm.scheduler.status(key, session_id)
@@ -458,6 +508,7 @@ class Engine:
         self, method: str, kind: str, name: str, version: str, session_id: str, principal: str
     ) -> tuple[ModelVersion, SessionStatus]:
         lm = self._admit(method, name, version)
+        lm = self._pin(lm, name, version, session_key(principal, session_id))
         try:
             F.check_ids([session_id], 1)
             key = session_key(principal, session_id)
@@ -479,6 +530,85 @@ class Engine:
     ) -> tuple[ModelVersion, SessionStatus]:
         return await self._op("EndSession", "end", name, version, session_id, principal)
 
+    # -- versions: loaded and unloaded while serving ------------------------------------------
+
+    async def load(self, name: str, version: str = "") -> list[str]:
+        """Load a model's versions from the repository directory now (all that are not
+        loaded, or one), each checked as at start before it serves; returns the versions
+        loaded. A version being unloaded is taken back into service. Raises NotFound when
+        there is no such directory, FailedPrecondition naming the reasons when a version is
+        broken (serving goes on untouched)."""
+        root = self.repository.root
+        model_dir = root / name
+        if (
+            not F.valid_session_id(name)
+            or "/" in name
+            or name in (".", "..")
+            or not model_dir.is_dir()
+        ):
+            raise NotFound(f"model {name[:64]!r} not found in the repository")
+        if version:
+            dirs = [model_dir / version]
+            if not dirs[0].is_dir():
+                raise NotFound(f"model {name!r} has no version {version[:64]!r} in the repository")
+        else:
+            dirs = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        loaded: list[str] = []
+        errors: list[str] = []
+        for d in dirs:
+            lm = self.versions.loaded.get((name, d.name))
+            if lm is not None:
+                if lm.retired_at is not None:
+                    self.versions.unretire(lm)
+                    loaded.append(d.name)
+                continue
+            mv, errs = await asyncio.to_thread(load_version, d, True)
+            if mv is None:
+                errors += [str(e) for e in errs]
+                continue
+            self.versions.add(await self._load_one(mv))
+            loaded.append(d.name)
+        if errors:
+            logger.error("model %s: not loaded: %s", name, "; ".join(errors))
+            raise FailedPrecondition(f"model {name!r} not loaded: " + "; ".join(errors)[:1000])
+        return loaded
+
+    def unload(self, name: str, version: str = "", drain_s: float = 300.0) -> list[str]:
+        """Stop a model's versions (all, or one) from starting sessions; their sessions go on
+        for drain_s seconds, then are refused; each version is freed when its last session is
+        gone (reap_versions). Returns the versions unloaded."""
+        lms = [
+            lm
+            for (n, v), lm in self.versions.loaded.items()
+            if n == name and (not version or v == version) and lm.retired_at is None
+        ]
+        if not lms:
+            what = (
+                f"version {version[:64]!r} of model {name[:64]!r}" if version else repr(name[:64])
+            )
+            raise NotFound(f"{what} is not loaded")
+        for lm in lms:
+            self.versions.retire(lm, drain_s)
+            logger.info(
+                "model %s unloading: no new sessions; %d sessions may go on for %.0fs",
+                lm.label, len(lm.store), drain_s,
+            )  # fmt: skip
+        self.reap_versions()
+        return [lm.version for lm in lms]
+
+    def reap_versions(self) -> list[str]:
+        """Free unloaded versions whose last session is gone; returns their labels."""
+        gone = [
+            lm
+            for lm in self.versions.loaded.values()
+            if lm.retired_at is not None and len(lm.store) == 0 and lm.scheduler.idle
+        ]
+        for lm in gone:
+            self.versions.drop(lm)
+            lm.scheduler.close()
+            logger.info("model %s unloaded", lm.label)
+        return [lm.label for lm in gone]
+
     # -- background work -----------------------------------------------------------------------
 
     def reap(self, now: float | None = None) -> int:
@@ -491,6 +621,7 @@ class Engine:
             await asyncio.sleep(self.settings.reap_interval_s)
             try:
                 self.reap()
+                self.reap_versions()
             except Exception:
                 logger.exception("session reaper failed")
 
@@ -547,3 +678,29 @@ class Engine:
             logger.warning(
                 "%s: session cap reached; %d sessions not restored", path, len(snap.keys) - n
             )
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # an end of a copy that is gone anyway: nobody waits for it
+
+
+async def _merge(
+    ids: list[str], rows: list[np.ndarray], futs: list[asyncio.Future[StepResult]]
+) -> StepResult:
+    """One answer from the answers of a request's parts on several versions."""
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    n = len(ids)
+    seq = np.zeros(n, np.int64)
+    nxt = np.zeros(n, np.int64)
+    replayed = np.zeros(n, bool)
+    y: list[np.ndarray] = [np.empty(0, np.float32)] * n
+    for part, res in zip(rows, results, strict=True):
+        assert isinstance(res, StepResult)
+        seq[part], nxt[part], replayed[part] = res.seq, res.next_seq, res.replayed
+        for j, i in enumerate(part.tolist()):
+            y[i] = res.y[j]
+    return StepResult(ids, seq, nxt, replayed, y)

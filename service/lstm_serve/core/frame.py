@@ -98,6 +98,20 @@ def from_rows(
     return Frame(ids, seq, reset, blocks)
 
 
+def take(frame: Frame, rows: np.ndarray) -> Frame:
+    """The frame of some of its rows (ascending), in their order."""
+    pos = np.full(len(frame), -1, np.int64)
+    pos[rows] = np.arange(len(rows))
+    blocks = []
+    for b in frame.blocks:
+        sel = pos[b.rows] >= 0
+        if sel.any():
+            blocks.append(Block(pos[b.rows[sel]], b.x[sel]))
+    end = None if frame.end is None else frame.end[rows]
+    ids = [frame.ids[i] for i in rows.tolist()]
+    return Frame(ids, frame.seq[rows], frame.reset[rows], blocks, end)
+
+
 def valid_session_id(sid: str) -> bool:
     return 0 < len(sid) <= MAX_SESSION_ID and sid.isprintable()
 

@@ -1,0 +1,181 @@
+"""Which versions of each model are loaded, which one serves new sessions, and where a request
+that names no version goes.
+
+A session belongs to the version it started on. A request that names no version continues
+each of its sessions on the version that holds it (the default version first, then the others
+from newest to oldest); a session no version holds, and every reset, starts on the default
+version: the newest loaded version that is not being unloaded. With one version per model
+(the common case) routing is one dictionary lookup, as before versions could change.
+
+An unloaded version is retired: it admits no new sessions at once, its sessions go on until
+they end, reset or idle out, and after its drain deadline every step on it is refused with
+FAILED_PRECONDITION naming the version and saying to reset. The engine frees it when its last
+session is gone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from lstm_serve.core.errors import FailedPrecondition, NotFound
+from lstm_serve.core.repository import Kind, ModelVersion, Repository
+from lstm_serve.core.scheduler import Scheduler
+from lstm_serve.core.store import SessionStore
+from lstm_serve.core.sync import StateSync
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    mv: ModelVersion
+    scheduler: Scheduler
+    label: str
+    # Set when the version is being unloaded: (time.monotonic() of the request, drain deadline)
+    retired_at: float | None = None
+    drain_deadline: float | None = None
+
+    @property
+    def store(self) -> SessionStore:
+        return self.scheduler.store
+
+    @property
+    def sync(self) -> StateSync | None:
+        return self.scheduler.sync
+
+    @property
+    def token(self) -> bool:
+        return self.mv.manifest.kind is Kind.token
+
+    @property
+    def version(self) -> str:
+        return self.mv.manifest.version
+
+    @property
+    def snapshot_meta(self) -> dict[str, object]:
+        m = self.mv.manifest
+        return {
+            "name": m.name, "version": m.version, "layers": m.layers,
+            "hidden_size": m.hidden_size, "output_dim": m.output_dim, "sha256": m.sha256,
+        }  # fmt: skip
+
+
+class Versions:
+    """The loaded model versions; the repository holds the ones that serve new sessions."""
+
+    def __init__(self, repository: Repository) -> None:
+        self.repository = repository  # serving versions only: the default is its newest
+        self.loaded: dict[tuple[str, str], LoadedModel] = {}
+        self._resolved: dict[tuple[str, str], LoadedModel] = {}
+        # name -> loaded versions other than the default, newest first (empty: one version)
+        self._others: dict[str, list[LoadedModel]] = {}
+
+    def add(self, lm: LoadedModel) -> None:
+        m = lm.mv.manifest
+        self.loaded[lm.mv.key] = lm
+        self.repository.models.setdefault(m.name, {})[m.version] = lm.mv
+        self._changed()
+
+    def retire(self, lm: LoadedModel, drain_s: float) -> None:
+        """Admit no new sessions on lm; its sessions may go on for drain_s seconds."""
+        now = time.monotonic()
+        lm.retired_at, lm.drain_deadline = now, now + drain_s
+        m = lm.mv.manifest
+        versions = self.repository.models.get(m.name, {})
+        versions.pop(m.version, None)
+        if not versions:
+            self.repository.models.pop(m.name, None)
+        self._changed()
+
+    def unretire(self, lm: LoadedModel) -> None:
+        """Take a version being unloaded back into service."""
+        lm.retired_at = lm.drain_deadline = None
+        self.add(lm)
+
+    def drop(self, lm: LoadedModel) -> None:
+        """Forget a retired version (its last session is gone)."""
+        self.loaded.pop(lm.mv.key, None)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._resolved.clear()
+        self._others.clear()
+        for (name, _), lm in self.loaded.items():
+            self._others.setdefault(name, []).append(lm)
+        for name, lms in list(self._others.items()):
+            default = self._default(name)
+            rest = [lm for lm in lms if lm is not default]
+            rest.sort(key=lambda lm: int(lm.version), reverse=True)
+            self._others[name] = rest
+
+    def _default(self, name: str) -> LoadedModel | None:
+        try:
+            mv = self.repository.get(name, "")
+        except NotFound:
+            return None
+        return self.loaded.get(mv.key)
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """A loaded version (retired ones included), or the default version of name."""
+        lm = self._resolved.get((name, version))
+        if lm is not None:
+            return lm
+        if version and (name, version) in self.loaded:
+            lm = self.loaded[(name, version)]
+        else:
+            if not version and name not in self.repository.models and self._retired_only(name):
+                raise NotFound(f"model {name!r} has no version serving new sessions")
+            mv = self.repository.get(name, version)
+            found = self.loaded.get(mv.key)
+            if found is None:
+                raise NotFound(f"model {name!r} version {mv.manifest.version!r} is not loaded")
+            lm = found
+        self._resolved[(name, version)] = lm
+        return lm
+
+    def _retired_only(self, name: str) -> bool:
+        return any(n == name for n, _ in self.loaded)
+
+    def others(self, name: str) -> list[LoadedModel]:
+        """Loaded versions of name besides the default, newest first."""
+        return self._others.get(name, [])
+
+    def route(
+        self, default: LoadedModel, keys: list[str], reset: np.ndarray
+    ) -> list[tuple[LoadedModel, np.ndarray]]:
+        """Where the rows of a request that names no version go: [(version, rows)], the
+        default's first. A row goes to the default version unless only another one holds its
+        session and the row is no reset."""
+        others = self.others(default.mv.manifest.name)
+        n = len(keys)
+        todo = ~(default.store.lookup(keys) >= 0) & ~reset
+        parts: list[tuple[LoadedModel, np.ndarray]] = []
+        for lm in others:
+            if not todo.any():
+                break
+            held = todo & (lm.store.lookup(keys) >= 0)
+            if held.any():
+                parts.append((lm, np.flatnonzero(held)))
+                todo &= ~held
+        taken = np.zeros(n, bool)
+        for _, rows in parts:
+            taken[rows] = True
+        return [(default, np.flatnonzero(~taken)), *parts]
+
+
+def check_retired(lm: LoadedModel, default: str, exists: np.ndarray, reset: np.ndarray) -> None:
+    """Refuse what a retired version may no longer do: start sessions (at once), or step at
+    all (after its drain deadline). default: the version new sessions go to, for the message."""
+    m = lm.mv.manifest
+    where = f"on version {default} (naming no version)" if default else "once a version is loaded"
+    if lm.drain_deadline is not None and time.monotonic() >= lm.drain_deadline:
+        raise FailedPrecondition(
+            f"model {m.name!r} version {m.version!r} was unloaded; send the session's next step "
+            f"with reset to start it again {where}"
+        )
+    if (~exists | reset).any():
+        raise FailedPrecondition(
+            f"model {m.name!r} version {m.version!r} is being unloaded and starts no new "
+            f"sessions; start them {where}"
+        )

@@ -1,0 +1,193 @@
+"""Model versions loaded and unloaded while serving (core/versions.py, Engine.load/unload), on a
+real engine over a copy of the tiny repository, no gRPC.
+
+Version 2 of `tiny` is made by copying version 1 with other weights (scaled), so that which
+version answered shows in the outputs; every answer is compared with one pass of the NumPy
+reference over that version's weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from lstm_serve.core import frame as F
+from lstm_serve.core.engine import Engine
+from lstm_serve.core.errors import FailedPrecondition, NotFound
+from lstm_serve.core.jobs import StepResult
+from lstm_serve.core.probes import no_probes
+from lstm_serve.core.repository import load_repository, sha256_file
+from tests.helpers.engine import Settings
+from tests.oracle.one_pass import OnePass
+
+ATOL = 1e-5
+
+
+def add_version(repo: Path, version: str, scale: float = 0.5, sha: str | None = None) -> Path:
+    """tiny/<version>: tiny/1's graph with every initializer scaled (other weights)."""
+    src, dst = repo / "tiny" / "1", repo / "tiny" / version
+    shutil.copytree(src, dst)
+    model = onnx.load(dst / "model.onnx")
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32 and a.size > 1:
+            init.CopyFrom(numpy_helper.from_array((a * scale).astype(np.float32), init.name))
+    onnx.save(model, dst / "model.onnx")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = version
+    manifest["sha256"] = sha or sha256_file(dst / "model.onnx")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def xs(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
+
+
+def run(body: Callable[[Engine], Any], repo: Path) -> None:
+    async def main() -> None:
+        engine = Engine(Settings(), load_repository(repo), lambda label: no_probes())
+        await engine.start()
+        try:
+            await body(engine)
+        finally:
+            await engine.drain(10)
+            await engine.close()
+
+    asyncio.run(main())
+
+
+async def step(
+    engine: Engine, sid: str, x: np.ndarray, version: str = "", seq: int | None = None,
+    reset: bool = False,
+) -> StepResult:  # fmt: skip
+    return await engine.submit_step("tiny", version, F.single(sid, x, seq, reset))
+
+
+def y_of(res: StepResult) -> np.ndarray:
+    return np.asarray(res.y[0])
+
+
+def test_a_version_added_while_serving_takes_new_sessions_and_old_ones_stay(
+    tiny_repo_copy: Path,
+) -> None:
+    repo = tiny_repo_copy
+    v1 = OnePass(repo / "tiny" / "1")
+
+    async def body(engine: Engine) -> None:
+        x = xs(1, 6)
+        await step(engine, "old", x[:3])
+        v2dir = add_version(repo, "2")
+        v2 = OnePass(v2dir)
+        assert await engine.load("tiny") == ["2"]
+        assert engine.get_model("tiny").manifest.version == "2"
+        res = await step(engine, "old", x[3:])  # names no version: stays on 1
+        np.testing.assert_allclose(y_of(res), v1.run(x)[0][3:], atol=ATOL)
+        assert int(res.seq[0]) == 3
+        res = await step(engine, "new", x)  # a new session: the default, 2
+        np.testing.assert_allclose(y_of(res), v2.run(x)[0], atol=ATOL)
+        assert engine.models["tiny", "1"].store.slot("new") is None
+        assert engine.models["tiny", "2"].store.slot("old") is None
+        # GetSession and a forecast-free op follow the session too
+        _, st = await engine.get_session("tiny", "", "old")
+        assert st.exists and st.next_seq == 6
+        # a frame of sessions on both versions is split, and every row answered in order
+        z = xs(2, 2)
+        fr = F.from_rows(
+            ["new", "old", "fresh"], [z, z, z], np.full(3, F.APPEND), np.zeros(3, bool)
+        )
+        res = await engine.submit_step("tiny", "", fr)
+        assert res.ids == ["new", "old", "fresh"]
+        assert res.seq.tolist() == [6, 6, 0] and res.next_seq.tolist() == [8, 8, 2]
+        np.testing.assert_allclose(res.y[0], v2.run(np.concatenate([x, z]))[0][6:], atol=ATOL)
+        np.testing.assert_allclose(res.y[1], v1.run(np.concatenate([x, z]))[0][6:], atol=ATOL)
+        np.testing.assert_allclose(res.y[2], v2.run(z)[0], atol=ATOL)
+        # naming the version still reaches it
+        res = await step(engine, "pinned", z, version="1")
+        np.testing.assert_allclose(y_of(res), v1.run(z)[0], atol=ATOL)
+
+    run(body, repo)
+
+
+def test_unloading_drains_then_refuses_and_a_reset_moves_the_session(tiny_repo_copy: Path) -> None:
+    repo = tiny_repo_copy
+    add_version(repo, "2")
+
+    async def body(engine: Engine) -> None:
+        x = xs(3, 4)
+        await step(engine, "s", x[:2], version="1")
+        assert engine.unload("tiny", "1", drain_s=3600) == ["1"]
+        assert engine.get_model("tiny").manifest.version == "2"
+        with pytest.raises(FailedPrecondition, match="'1' is being unloaded and starts no new"):
+            await step(engine, "other", x, version="1")
+        res = await step(engine, "s", x[2:3])  # goes on until the deadline
+        assert int(res.next_seq[0]) == 3
+        engine.models["tiny", "1"].drain_deadline = 0.0  # the deadline passed
+        with pytest.raises(FailedPrecondition, match="'1' was unloaded; send the session's next"):
+            await step(engine, "s", x[3:])
+        assert (
+            int(
+                engine.models["tiny", "1"].store.next_seq[
+                    engine.models["tiny", "1"].store.slot("s")
+                ]
+            )
+            == 3
+        )
+        res = await step(engine, "s", x[3:], reset=True)  # starts again on 2
+        assert int(res.seq[0]) == 0 and engine.models["tiny", "2"].store.slot("s") is not None
+        for _ in range(50):  # the copy on 1 ends; then 1 is freed
+            await asyncio.sleep(0.01)
+            if engine.reap_versions():
+                break
+        assert ("tiny", "1") not in engine.models
+        assert [
+            mv.manifest.version for mv in engine.list_models() if mv.manifest.name == "tiny"
+        ] == ["2"]
+
+    run(body, repo)
+
+
+def test_a_broken_version_is_refused_with_its_reason_and_serving_goes_on(
+    tiny_repo_copy: Path,
+) -> None:
+    repo = tiny_repo_copy
+
+    async def body(engine: Engine) -> None:
+        await step(engine, "a", xs(4, 2))
+        add_version(repo, "2", sha="0" * 64)
+        with pytest.raises(FailedPrecondition, match="sha256"):
+            await engine.load("tiny", "2")
+        assert ("tiny", "2") not in engine.models
+        assert engine.get_model("tiny").manifest.version == "1"
+        res = await step(engine, "a", xs(5, 1))
+        assert int(res.seq[0]) == 2
+        with pytest.raises(NotFound):
+            await engine.load("nope")
+        with pytest.raises(NotFound):
+            await engine.load("tiny", "9")
+        with pytest.raises(NotFound):
+            engine.unload("tiny", "9")
+
+    run(body, repo)
+
+
+def test_unloading_every_version_then_loading_again(tiny_repo_copy: Path) -> None:
+    async def body(engine: Engine) -> None:
+        await step(engine, "a", xs(6, 2))
+        engine.unload("tiny", drain_s=3600)
+        with pytest.raises(NotFound, match="no version serving new sessions"):
+            await step(engine, "b", xs(6, 1))
+        assert await engine.load("tiny", "1") == ["1"]  # taken back, its sessions kept
+        res = await step(engine, "a", xs(7, 1))
+        assert int(res.seq[0]) == 2
+
+    run(body, tiny_repo_copy)
