@@ -191,3 +191,23 @@ def test_unloading_every_version_then_loading_again(tiny_repo_copy: Path) -> Non
         assert int(res.seq[0]) == 2
 
     run(body, tiny_repo_copy)
+
+
+def test_polling_loads_new_versions_and_unloads_removed_ones(tiny_repo_copy: Path) -> None:
+    repo = tiny_repo_copy
+
+    async def body(engine: Engine) -> None:
+        assert await engine.poll() == ([], [])
+        add_version(repo, "2")
+        add_version(repo, "3", sha="0" * 64)  # broken: refused, and not retried until changed
+        assert await engine.poll() == (["tiny:2"], [])
+        assert await engine.poll() == ([], [])
+        assert engine.get_model("tiny").manifest.version == "2"
+        shutil.rmtree(repo / "tiny" / "2")
+        assert await engine.poll(drain_s=0) == ([], ["tiny:2"])
+        assert engine.get_model("tiny").manifest.version == "1"
+        assert ("tiny", "2") not in engine.models  # it held no session: freed at once
+        with pytest.raises(NotFound):
+            await engine.load("tiny", "../tiny/1")
+
+    run(body, repo)

@@ -113,6 +113,9 @@ class Engine:
         self._count = requests or (lambda label, method, code: None)
         # The loaded versions; repository keeps those that serve new sessions.
         self.versions = Versions(repository)
+        # poll(): manifests' mtimes of versions refused (retried once changed) and loaded
+        self._poll_failed: dict[tuple[str, str], float] = {}
+        self._poll_mtime: dict[tuple[str, str], float] = {}
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_lock = asyncio.Lock()
@@ -549,7 +552,7 @@ class Engine:
             raise NotFound(f"model {name[:64]!r} not found in the repository")
         if version:
             dirs = [model_dir / version]
-            if not dirs[0].is_dir():
+            if not version.isdigit() or not dirs[0].is_dir():
                 raise NotFound(f"model {name!r} has no version {version[:64]!r} in the repository")
         else:
             dirs = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
@@ -595,6 +598,58 @@ class Engine:
             )  # fmt: skip
         self.reap_versions()
         return [lm.version for lm in lms]
+
+    async def poll(self, drain_s: float = 300.0) -> tuple[list[str], list[str]]:
+        """One look at the repository directory: versions not loaded are loaded, loaded ones
+        whose directory is gone are unloaded (drain_s as unload's). A version that fails its
+        checks is logged once per change of its manifest, not on every poll. A loaded version
+        whose files changed stays as it was loaded: versions are immutable, add a new one.
+        Returns (labels loaded, labels unloaded)."""
+        root = self.repository.root
+        found: dict[tuple[str, str], float] = {}
+        if root.is_dir():
+            for model_dir in root.iterdir():
+                if not model_dir.is_dir():
+                    continue
+                for d in model_dir.iterdir():
+                    manifest = d / "manifest.json"
+                    if d.is_dir() and d.name.isdigit() and manifest.is_file():
+                        with contextlib.suppress(OSError):
+                            found[(model_dir.name, d.name)] = manifest.stat().st_mtime
+        loaded: list[str] = []
+        for key, mtime in sorted(found.items()):
+            lm = self.versions.loaded.get(key)
+            if lm is not None and lm.retired_at is None:
+                if self._changed_on_disk(lm, mtime):
+                    logger.warning(
+                        "model %s changed on disk while loaded; it serves as loaded (versions "
+                        "are immutable: add a new version)", lm.label,
+                    )  # fmt: skip
+                continue
+            if lm is None and self._poll_failed.get(key) == mtime:
+                continue  # refused before, and not changed since
+            try:
+                for v in await self.load(*key):
+                    loaded.append(f"{key[0]}:{v}")
+                self._poll_failed.pop(key, None)
+            except ServiceError:
+                self._poll_failed[key] = mtime
+        unloaded = [
+            lm.label
+            for key, lm in list(self.versions.loaded.items())
+            if key not in found and lm.retired_at is None
+        ]
+        for label in unloaded:
+            name, version = label.split(":", 1)
+            self.unload(name, version, drain_s)
+        return loaded, unloaded
+
+    def _changed_on_disk(self, lm: LoadedModel, mtime: float) -> bool:
+        seen = self._poll_mtime.setdefault(lm.mv.key, mtime)
+        if seen == mtime:
+            return False
+        self._poll_mtime[lm.mv.key] = mtime
+        return True
 
     def reap_versions(self) -> list[str]:
         """Free unloaded versions whose last session is gone; returns their labels."""
