@@ -9,44 +9,25 @@ reference over that version's weights.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.errors import FailedPrecondition, NotFound
 from lstm_serve.core.jobs import StepResult
 from lstm_serve.core.probes import no_probes
-from lstm_serve.core.repository import load_repository, sha256_file
+from lstm_serve.core.repository import load_repository
 from tests.helpers.engine import Settings
+from tests.helpers.models import add_version
 from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
-
-
-def add_version(repo: Path, version: str, scale: float = 0.5, sha: str | None = None) -> Path:
-    """tiny/<version>: tiny/1's graph with every initializer scaled (other weights)."""
-    src, dst = repo / "tiny" / "1", repo / "tiny" / version
-    shutil.copytree(src, dst)
-    model = onnx.load(dst / "model.onnx")
-    for init in model.graph.initializer:
-        a = numpy_helper.to_array(init)
-        if a.dtype == np.float32 and a.size > 1:
-            init.CopyFrom(numpy_helper.from_array((a * scale).astype(np.float32), init.name))
-    onnx.save(model, dst / "model.onnx")
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["version"] = version
-    manifest["sha256"] = sha or sha256_file(dst / "model.onnx")
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    return dst
 
 
 def xs(seed: int, n: int) -> np.ndarray:

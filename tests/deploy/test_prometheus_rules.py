@@ -3,6 +3,7 @@ unit test in which it fires and then clears."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from typing import Any
 
@@ -10,9 +11,11 @@ import pytest
 import yaml
 
 from tests.deploy.promql import (
+    OPERATIONS_DOC,
     PROMETHEUS_CONFIG,
     RULE_TESTS_DIR,
     alerting_rules,
+    metric_names,
     recording_rules,
     require_tool,
     rule_files,
@@ -86,6 +89,9 @@ def test_rules_are_well_formed() -> None:
         "LstmServeRequestErrors",
         "LstmServeSessionsNearCap",
         "LstmServeSessionsEvicted",
+        "LstmServeAbsent",
+        "LstmServeStoreErrors",
+        "LstmServeFencedWrites",
     } <= set(names)
     for r in alerts:
         assert r["labels"]["severity"] in {"critical", "warning"}, r["alert"]
@@ -97,3 +103,56 @@ def test_rules_are_well_formed() -> None:
     # the latency quantiles the dashboard and the latency alert build on
     for q in ("p50", "p95", "p99"):
         assert f"job_model:lstm_serve_step_latency_seconds:{q}_rate5m" in records
+
+
+# A label matcher on `job`: job="...", job=~"...", job!="...".
+_JOB_MATCHER = re.compile(r"\bjob\s*(=~|!~|!=|=)")
+
+
+def test_no_rule_names_a_job() -> None:
+    """The job is the operator's choice (compose's `lstm-serve`, a ServiceMonitor's, a shared
+    `kubernetes-pods`): rules group by it but never select on it."""
+    for rule in alerting_rules() + recording_rules():
+        name = rule.get("alert") or rule["record"]
+        assert not _JOB_MATCHER.search(rule["expr"]), f"{name} selects a job: {rule['expr']}"
+
+
+def test_losing_every_target_and_the_store_are_alerted() -> None:
+    by_name = {r["alert"]: r for r in alerting_rules()}
+    # A target that is gone has no `up`: only absent() of a series lstm-serve exports sees it.
+    absent = [r for r in by_name.values() if re.search(r"\babsent(_over_time)?\(", r["expr"])]
+    assert absent and all("lstm_serve_build_info" in r["expr"] for r in absent), absent
+    assert "lstm_serve_build_info" in metric_names(by_name["LstmServeTargetDown"]["expr"])
+    read = {n for r in by_name.values() for n in metric_names(r["expr"])}
+    assert {"lstm_serve_store_errors_total", "lstm_serve_store_fenced_writes_total"} <= read
+
+
+def github_anchors(markdown: str) -> dict[str, str]:
+    """anchor -> heading, as GitHub makes them: lower case, punctuation dropped, spaces to -."""
+    out = {}
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        m = re.match(r"(#{1,6})\s+(.*?)\s*$", line)
+        if m and not in_code:
+            slug = re.sub(r"[^\w\- ]", "", m.group(2).lower()).replace(" ", "-")
+            out[slug] = m.group(2)
+    return out
+
+
+@pytest.mark.parametrize("alert", [r["alert"] for r in alerting_rules()])
+def test_every_alert_has_a_runbook(alert: str) -> None:
+    """runbook_url leads to this alert's own section under "Runbooks" in docs/operations.md."""
+    (rule,) = [r for r in alerting_rules() if r["alert"] == alert]
+    url = rule["annotations"].get("runbook_url", "")
+    m = re.fullmatch(r"(?:.*/)?docs/operations\.md#([\w-]+)", url)
+    assert m, f"{alert}: runbook_url {url!r} is not docs/operations.md#<anchor>"
+    text = OPERATIONS_DOC.read_text()
+    anchors = github_anchors(text)
+    assert anchors.get(m.group(1)) == alert, f"{alert}: no heading for #{m.group(1)}"
+    runbooks = text[text.index("\n## Runbooks\n") :]
+    section = runbooks[runbooks.index(f"\n### {alert}\n") :].split("\n### ", 2)[1]
+    section = section.split("\n## ", 1)[0]
+    for part in ("**Means.**", "**Check.**", "**Do.**"):
+        assert part in section, f"{alert}'s runbook has no {part}"

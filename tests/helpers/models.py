@@ -332,3 +332,23 @@ def random_inputs(
     h0 = rng.uniform(-0.9, 0.9, (layers, batch, hidden)).astype(np.float32)
     c0 = rng.normal(0.0, 1.0, (layers, batch, hidden)).astype(np.float32)
     return x, h0, c0
+
+
+def add_version(repo: Path, version: str, scale: float = 0.5, sha: str | None = None) -> Path:
+    """tiny/<version>: tiny/1's graph with every initializer scaled (other weights)."""
+    import onnx
+    from onnx import numpy_helper
+
+    src, dst = repo / "tiny" / "1", repo / "tiny" / version
+    shutil.copytree(src, dst)
+    model = onnx.load(dst / "model.onnx")
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32 and a.size > 1:
+            init.CopyFrom(numpy_helper.from_array((a * scale).astype(np.float32), init.name))
+    onnx.save(model, dst / "model.onnx")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = version
+    manifest["sha256"] = sha or sha256_file(dst / "model.onnx")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst

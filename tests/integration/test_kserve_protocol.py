@@ -171,7 +171,7 @@ def test_unimplemented_rpcs_say_so(stub: ipb_grpc.GRPCInferenceServiceStub) -> N
     assert code_of(lambda: stub.ModelStatistics(ipb.ModelStatisticsRequest(name="tiny"))) == (
         grpc.StatusCode.UNIMPLEMENTED
     )
-    assert code_of(lambda: stub.RepositoryIndex(ipb.RepositoryIndexRequest())) == (
+    assert code_of(lambda: stub.TraceSetting(ipb.TraceSettingRequest())) == (
         grpc.StatusCode.UNIMPLEMENTED
     )
 

@@ -75,13 +75,68 @@ def run_health(args: argparse.Namespace) -> int:
 
 def add_models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "action",
+        nargs="?",
+        choices=["index", "load", "unload"],
+        help="ask a running server (--target): its repository index, or load or unload a "
+        "model (admin calls, model_control explicit); without: list a repository directory",
+    )
+    p.add_argument(
         "--model-repository", type=Path, default=DEFAULT_MODELS, help="repository directory"
     )
     p.add_argument("--json", action="store_true", help="print the manifests as JSON")
+    p.add_argument("--model", help="with load or unload: the model name")
+    p.add_argument("--version", default="", help="with load or unload: one version (default all)")
+    _connection_arguments(p)
+
+
+def _model_control(args: argparse.Namespace) -> int:
+    from lstm_serve.server.pb import grpc_service_pb2 as ipb
+    from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
+
+    if args.action != "index" and not args.model:
+        print(f"error: models {args.action} needs --model", file=sys.stderr)
+        return 2
+    params = {}
+    if args.version:
+        params["version"] = ipb.ModelRepositoryParameter(string_param=args.version)
+    with _client(args) as client:
+        stub = ipb_grpc.GRPCInferenceServiceStub(client.channel)
+        meta = client.conn.metadata
+        try:
+            if args.action == "index":
+                index = stub.RepositoryIndex(
+                    ipb.RepositoryIndexRequest(), timeout=args.timeout, metadata=meta
+                )
+                print(f"{'MODEL':<14}{'VERSION':<9}{'STATE':<13}REASON")
+                for m in index.models:
+                    print(f"{m.name:<14}{m.version:<9}{m.state:<13}{m.reason}")
+            elif args.action == "load":
+                stub.RepositoryModelLoad(
+                    ipb.RepositoryModelLoadRequest(model_name=args.model, parameters=params),
+                    timeout=args.timeout, metadata=meta,
+                )  # fmt: skip
+                print(f"loaded {args.model}{' version ' + args.version if args.version else ''}")
+            else:
+                stub.RepositoryModelUnload(
+                    ipb.RepositoryModelUnloadRequest(model_name=args.model, parameters=params),
+                    timeout=args.timeout, metadata=meta,
+                )  # fmt: skip
+                print(
+                    f"unloading {args.model}{' version ' + args.version if args.version else ''}:"
+                    " no new sessions; its sessions go on until the server's unload_drain_s"
+                )
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def run_models(args: argparse.Namespace) -> int:
     from lstm_serve.core.repository import load_repository
+
+    if args.action:
+        return _model_control(args)
 
     repo = load_repository(args.model_repository)
     if args.json:

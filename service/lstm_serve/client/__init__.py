@@ -1,30 +1,88 @@
-"""Typed Python client for lstm-serve: sync (Client) and asyncio (AsyncClient), and resumable
-session streams that number their steps and survive disconnects without losing or repeating one.
+"""Typed Python client for lstm-serve (docs/client.md): sync (Client) and asyncio (AsyncClient)
+with the same calls, resumable session streams that number their steps and survive disconnects
+without losing or repeating one, and typed errors (LstmServeError and one subclass per status).
 
     from lstm_serve.client import Client
     with Client("localhost:50051") as client:
         out = client.predict("forecaster", "sensor-7", [[12.1, 8.9], [11.6, 8.8]])
         print(out.y)          # one prediction per step
+
+Each call is built and decoded once, by _ClientBase (which request, which stub method, how the
+answer reads); Client and AsyncClient only do the I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lstm_serve.client.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    LstmServeError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    error_class,
+    from_rpc_error,
+)
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
+
+__all__ = [
+    "RETRYABLE",
+    "ROUTE_HEADER",
+    "ArrayLike",
+    "AsyncClient",
+    "AsyncSessionStream",
+    "Cancelled",
+    "Client",
+    "Connection",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "ForecastOutput",
+    "FrameResult",
+    "Internal",
+    "InvalidArgument",
+    "LstmServeError",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "SessionState",
+    "SessionStream",
+    "StepResult",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "error_class",
+    "forecast_request",
+    "frame_request",
+    "frame_result",
+    "from_rpc_error",
+    "route_of",
+    "routed",
+    "session_steps",
+    "step_request",
+    "step_results",
+]
 
 F32 = np.dtype("<f4")
 # Statuses after which a session stream reconnects and resends what was not answered.
@@ -33,9 +91,11 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.Status
 ArrayLike = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 # Call metadata a proxy routes on (Envoy's ring hash): one session's calls reach one replica.
 ROUTE_HEADER = "x-lstm-serve-route"
+T = TypeVar("T")
 
 
 def routed(metadata: tuple[tuple[str, str], ...], route: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata with the routing key a proxy hashes on (none when route is empty)."""
     return metadata if not route else (*metadata, (ROUTE_HEADER, route))
 
 
@@ -48,23 +108,29 @@ def route_of(request: pb.StepRequest, gateway_id: str) -> str:
 
 @dataclass(frozen=True)
 class StepResult:
+    """One session's answer to a step request."""
+
     session_id: str
-    seq: int
-    next_seq: int
+    seq: int  # the seq of the request's first step
+    next_seq: int  # the seq the session expects next
     y: np.ndarray  # [steps, output_dim]; empty when top_k was asked for
     top_k: list[list[tuple[int, float]]]  # token models with top_k > 0: (token, prob) per step
-    replayed: bool
+    replayed: bool  # a retry answered from the replay cache, not applied again
 
 
 @dataclass(frozen=True)
 class ForecastOutput:
+    """A roll-out: y[k] is the prediction for step next_seq + k (see docs/protocol.md)."""
+
     y: np.ndarray  # real models: [horizon, output_dim]
     tokens: list[int]  # token models
-    next_seq: int
+    next_seq: int  # the session's next_seq after the call (moved only with commit)
 
 
 @dataclass(frozen=True)
 class SessionState:
+    """What the server holds of a session (exists is False for an unknown one)."""
+
     session_id: str
     exists: bool
     next_seq: int
@@ -93,6 +159,7 @@ def step_request(
     model: str, sessions: Sequence[pb.SessionSteps], version: str = "", request_id: str = "",
     top_k: int = 0,
 ) -> pb.StepRequest:  # fmt: skip
+    """A step request of one or more sessions' steps (see session_steps)."""
     return pb.StepRequest(
         model=pb.ModelRef(name=model, version=version), sessions=list(sessions),
         request_id=request_id, top_k=top_k,
@@ -100,6 +167,7 @@ def step_request(
 
 
 def step_results(resp: pb.StepResponse, output_dim: int | None = None) -> list[StepResult]:
+    """The per-session answers of a StepResponse, y as [steps, output_dim] float32 arrays."""
     out = []
     for s in resp.sessions:
         y = np.frombuffer(s.y, F32)
@@ -152,6 +220,7 @@ def frame_request(
 
 
 def frame_result(req: pb.StepRequest, resp: pb.StepResponse) -> FrameResult:
+    """The answer to a frame request, as arrays in the request's session order."""
     fo = resp.frame
     n, t = len(req.frame.session_ids), fo.steps
     y = np.frombuffer(fo.y, F32)
@@ -167,6 +236,49 @@ def frame_result(req: pb.StepRequest, resp: pb.StepResponse) -> FrameResult:
     )
 
 
+def forecast_request(
+    model: str, session_id: str, horizon: int, *, version: str = "", temperature: float = 0.0,
+    top_k: int = 0, seed: int = 0, commit: bool = False, prefix: pb.SessionSteps | None = None,
+) -> pb.ForecastRequest:  # fmt: skip
+    """A Forecast request: roll session_id forward horizon steps (see Client.forecast)."""
+    req = pb.ForecastRequest(
+        model=pb.ModelRef(name=model, version=version), session_id=session_id,
+        horizon=horizon, temperature=temperature, top_k=top_k, seed=seed, commit=commit,
+    )  # fmt: skip
+    if prefix is not None:
+        req.prefix.CopyFrom(prefix)
+    return req
+
+
+def _forecast_output(r: pb.ForecastResponse) -> ForecastOutput:
+    y = np.frombuffer(r.y, F32).reshape(r.steps, -1) if r.y else np.empty((r.steps, 0), F32)
+    return ForecastOutput(y, list(r.tokens), r.next_seq)
+
+
+def _session_ref(model: str, session_id: str, version: str) -> pb.SessionRef:
+    return pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
+
+
+def _session_state(info: pb.SessionInfo) -> SessionState:
+    return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
+
+
+def _first_result(resp: pb.StepResponse) -> StepResult:
+    return step_results(resp)[0]
+
+
+def _models(resp: pb.ListModelsResponse) -> list[pb.ModelInfo]:
+    return list(resp.models)
+
+
+def _model(info: pb.ModelInfo) -> pb.ModelInfo:
+    return info
+
+
+def _serving_status(resp: health_pb2.HealthCheckResponse) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
 def _credentials(
     root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None
 ) -> grpc.ChannelCredentials | None:
@@ -175,9 +287,24 @@ def _credentials(
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
-@dataclass
+def _pem(value: bytes | None, secret: bool = False) -> str:
+    if value is None:
+        return "None"
+    return "'<redacted>'" if secret else f"'<{len(value)} bytes>'"
+
+
+@dataclass(repr=False)
 class Connection:
-    """How to reach a server: target, optional TLS material and bearer token."""
+    """How to reach a server: its target, optional TLS material and a bearer token.
+
+    target: "host:port". root_certificates: the PEM CA bundle that signed the server's
+    certificate (TLS; None with a certificate_chain means the system's roots).
+    certificate_chain and private_key: the client's PEM certificate and key (mutual TLS).
+    token: sent as "authorization: Bearer <token>" with every call. max_message_bytes: the
+    largest message sent or received; the server refuses, before applying anything, a request
+    whose answer would be larger. With neither root_certificates nor certificate_chain the
+    channel is plaintext. repr() never shows the token or the private key.
+    """
 
     target: str
     root_certificates: bytes | None = None
@@ -186,8 +313,19 @@ class Connection:
     token: str | None = None
     max_message_bytes: int = 16 * 1024 * 1024
 
+    def __repr__(self) -> str:
+        return (
+            f"Connection(target={self.target!r}, "
+            f"root_certificates={_pem(self.root_certificates)}, "
+            f"private_key={_pem(self.private_key, secret=True)}, "
+            f"certificate_chain={_pem(self.certificate_chain)}, "
+            f"token={'None' if self.token is None else repr('<redacted>')}, "
+            f"max_message_bytes={self.max_message_bytes})"
+        )
+
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata every call carries: the bearer token and the receive limit."""
         # The receive limit travels with every call: the server refuses, before applying
         # anything, a request whose answer this client could not receive.
         limit = (("lstm-serve-max-response-bytes", str(self.max_message_bytes)),)
@@ -199,6 +337,7 @@ class Connection:
 
     @property
     def options(self) -> list[tuple[str, Any]]:
+        """The channel options: message limits and a quick reconnect after a server restart."""
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
@@ -209,11 +348,28 @@ class Connection:
         ]
 
     def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS channel credentials, or None for a plaintext channel."""
         return _credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
 
-class Client:
-    """Blocking client. Every call takes an optional timeout (seconds)."""
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One unary call, built once for both clients: the stub method, the request, the call's
+    options and how its answer decodes. The clients only send it."""
+
+    method: str  # the stub's method name (Predict, GetSession, ... or the health service's Check)
+    request: Any
+    kw: dict[str, Any]  # timeout and metadata
+    decode: Callable[[Any], T]
+    health: bool = False  # a call of grpc.health.v1.Health, not of LstmServe
+
+
+class _ClientBase:
+    """What Client and AsyncClient share: the connection, and every call's request and decoding."""
+
+    channel: Any
+    stub: Any
+    health_stub: Any
 
     def __init__(
         self, target: str | Connection, timeout: float | None = 30.0, gateway_id: str = ""
@@ -225,19 +381,106 @@ class Client:
         self._open()
 
     def _open(self) -> None:
+        raise NotImplementedError
+
+    def _stubs(self, channel: Any) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.LstmServeStub(channel)
+        self.health_stub = health_pb2_grpc.HealthStub(channel)
+
+    def _kw(self, timeout: float | None, route: str | None = None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self.conn.routed(route)}
+
+    def _step_call(self, request: pb.StepRequest, timeout: float | None) -> _Call[list[StepResult]]:
+        kw = self._kw(timeout, route_of(request, self.gateway_id))
+        return _Call("Predict", request, kw, step_results)
+
+    def _frame_call(
+        self, model: str, session_ids: Sequence[str], x: np.ndarray,
+        seqs: Sequence[int] | np.ndarray | None, resets: Sequence[bool] | np.ndarray | None,
+        version: str, top_k: int, timeout: float | None,
+    ) -> _Call[FrameResult]:  # fmt: skip
+        req = frame_request(model, session_ids, x, seqs, resets, version=version, top_k=top_k)
+        kw = self._kw(timeout, self.gateway_id)
+        return _Call("Predict", req, kw, functools.partial(frame_result, req))
+
+    def _predict_call(
+        self, model: str, session_id: str, x: ArrayLike | None, tokens: Sequence[int] | None,
+        seq: int | None, reset: bool, version: str, top_k: int, timeout: float | None,
+    ) -> _Call[StepResult]:  # fmt: skip
+        steps = session_steps(session_id, x, tokens, seq, reset)
+        req = step_request(model, [steps], version, top_k=top_k)
+        return _Call("Predict", req, self._kw(timeout, session_id), _first_result)
+
+    def _forecast_call(
+        self, model: str, session_id: str, horizon: int, version: str, temperature: float,
+        top_k: int, seed: int, commit: bool, prefix: pb.SessionSteps | None,
+        timeout: float | None,
+    ) -> _Call[ForecastOutput]:  # fmt: skip
+        req = forecast_request(
+            model, session_id, horizon, version=version, temperature=temperature, top_k=top_k,
+            seed=seed, commit=commit, prefix=prefix,
+        )  # fmt: skip
+        return _Call("Forecast", req, self._kw(timeout, session_id), _forecast_output)
+
+    def _session_call(
+        self, method: str, model: str, session_id: str, version: str, timeout: float | None
+    ) -> _Call[SessionState]:
+        ref = _session_ref(model, session_id, version)
+        return _Call(method, ref, self._kw(timeout, session_id), _session_state)
+
+    def _list_models_call(self, timeout: float | None) -> _Call[list[pb.ModelInfo]]:
+        return _Call("ListModels", pb.ListModelsRequest(), self._kw(timeout), _models)
+
+    def _get_model_call(
+        self, model: str, version: str, timeout: float | None
+    ) -> _Call[pb.ModelInfo]:
+        req = pb.ModelRef(name=model, version=version)
+        return _Call("GetModel", req, self._kw(timeout), _model)
+
+    def _health_call(self, service: str, timeout: float | None) -> _Call[str]:
+        # The health service is open (no token), and answers no outputs: no metadata.
+        req = health_pb2.HealthCheckRequest(service=service)
+        kw = {"timeout": timeout or self.timeout}
+        return _Call("Check", req, kw, _serving_status, health=True)
+
+    def _method(self, call: _Call[Any]) -> Any:
+        return getattr(self.health_stub if call.health else self.stub, call.method)
+
+
+class Client(_ClientBase):
+    """Blocking client. Every call takes an optional timeout (seconds; the client's default
+    otherwise) and raises an LstmServeError subclass when it fails."""
+
+    def __init__(
+        self, target: str | Connection, timeout: float | None = 30.0, gateway_id: str = ""
+    ) -> None:
+        """target: "host:port" or a Connection (TLS, token); timeout: the default per call;
+        gateway_id: the routing key of frames (random when empty)."""
+        super().__init__(target, timeout, gateway_id)
+
+    def _open(self) -> None:
         creds = self.conn.credentials()
-        self.channel = (
+        self._stubs(
             grpc.secure_channel(self.conn.target, creds, self.conn.options)
             if creds
             else grpc.insecure_channel(self.conn.target, self.conn.options)
         )
-        self.stub = pb_grpc.LstmServeStub(self.channel)
+
+    def _unary(self, call: _Call[T]) -> T:
+        try:
+            resp = self._method(call)(call.request, **call.kw)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return call.decode(resp)
 
     def reconnect(self) -> None:
+        """Close the channel and open a new one to the same target."""
         self.channel.close()
         self._open()
 
     def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -246,13 +489,9 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _kw(self, timeout: float | None, route: str | None = None) -> dict[str, Any]:
-        return {"timeout": timeout or self.timeout, "metadata": self.conn.routed(route)}
-
     def step(self, request: pb.StepRequest, timeout: float | None = None) -> list[StepResult]:
         """Send one request (one session or a gateway frame of many)."""
-        kw = self._kw(timeout, route_of(request, self.gateway_id))
-        return step_results(self.stub.Predict(request, **kw))
+        return self._unary(self._step_call(request, timeout))
 
     def step_frame(
         self, model: str, session_ids: Sequence[str], x: np.ndarray,
@@ -261,80 +500,81 @@ class Client:
         top_k: int = 0, timeout: float | None = None,
     ) -> FrameResult:  # fmt: skip
         """Many sessions' steps in one columnar message (see frame_request), run as one batch."""
-        req = frame_request(model, session_ids, x, seqs, resets, version=version, top_k=top_k)
-        return frame_result(req, self.stub.Predict(req, **self._kw(timeout, self.gateway_id)))
+        return self._unary(
+            self._frame_call(model, session_ids, x, seqs, resets, version, top_k, timeout)
+        )
 
     def predict(
         self, model: str, session_id: str, x: ArrayLike | None = None, *,
         tokens: Sequence[int] | None = None, seq: int | None = None, reset: bool = False,
         version: str = "", top_k: int = 0, timeout: float | None = None,
     ) -> StepResult:  # fmt: skip
-        req = step_request(
-            model, [session_steps(session_id, x, tokens, seq, reset)], version, top_k=top_k
+        """One session's steps: x [steps, input_dim] in raw units (real models) or token ids
+        (token models). seq (optional) makes delivery exactly-once; reset starts from zero
+        state; top_k > 0 (token models) answers the k most likely tokens per step."""
+        return self._unary(
+            self._predict_call(model, session_id, x, tokens, seq, reset, version, top_k, timeout)
         )
-        return self.step(req, timeout)[0]
 
     def forecast(
         self, model: str, session_id: str, horizon: int, *, version: str = "",
         temperature: float = 0.0, top_k: int = 0, seed: int = 0, commit: bool = False,
         prefix: pb.SessionSteps | None = None, timeout: float | None = None,
     ) -> ForecastOutput:  # fmt: skip
-        req = pb.ForecastRequest(
-            model=pb.ModelRef(name=model, version=version), session_id=session_id,
-            horizon=horizon, temperature=temperature, top_k=top_k, seed=seed, commit=commit,
-        )  # fmt: skip
-        if prefix is not None:
-            req.prefix.CopyFrom(prefix)
-        r = self.stub.Forecast(req, **self._kw(timeout, session_id))
-        y = np.frombuffer(r.y, F32).reshape(r.steps, -1) if r.y else np.empty((r.steps, 0), F32)
-        return ForecastOutput(y, list(r.tokens), r.next_seq)
-
-    def _ref(self, model: str, session_id: str, version: str) -> pb.SessionRef:
-        return pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
-
-    @staticmethod
-    def _state(info: pb.SessionInfo) -> SessionState:
-        return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
-
-    def get_session(self, model: str, session_id: str, version: str = "") -> SessionState:
-        return self._state(
-            self.stub.GetSession(
-                self._ref(model, session_id, version), **self._kw(None, session_id)
-            )
+        """Roll the session forward horizon steps, feeding each prediction back as the next
+        input (token models: greedy, or sampled with temperature, top_k and seed). The session
+        is unchanged unless commit; prefix (session_steps) is applied first."""
+        call = self._forecast_call(
+            model, session_id, horizon, version, temperature, top_k, seed, commit, prefix, timeout
         )
+        return self._unary(call)
 
-    def reset_session(self, model: str, session_id: str, version: str = "") -> SessionState:
-        return self._state(
-            self.stub.ResetSession(
-                self._ref(model, session_id, version), **self._kw(None, session_id)
-            )
-        )
+    def get_session(
+        self, model: str, session_id: str, version: str = "", *, timeout: float | None = None
+    ) -> SessionState:
+        """The session's next_seq and idle time (exists=False for an unknown session)."""
+        return self._unary(self._session_call("GetSession", model, session_id, version, timeout))
 
-    def end_session(self, model: str, session_id: str, version: str = "") -> SessionState:
-        return self._state(
-            self.stub.EndSession(
-                self._ref(model, session_id, version), **self._kw(None, session_id)
-            )
-        )
+    def reset_session(
+        self, model: str, session_id: str, version: str = "", *, timeout: float | None = None
+    ) -> SessionState:
+        """Zero the session's state; its steps count from seq 0 again (NotFound if unknown)."""
+        return self._unary(self._session_call("ResetSession", model, session_id, version, timeout))
 
-    def list_models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), **self._kw(None)).models)
+    def end_session(
+        self, model: str, session_id: str, version: str = "", *, timeout: float | None = None
+    ) -> SessionState:
+        """Drop the session and its state (NotFound if unknown)."""
+        return self._unary(self._session_call("EndSession", model, session_id, version, timeout))
 
-    def get_model(self, model: str, version: str = "") -> pb.ModelInfo:
-        info: pb.ModelInfo = self.stub.GetModel(
-            pb.ModelRef(name=model, version=version), **self._kw(None)
-        )
-        return info
+    def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        """The loaded models, each with its manifest."""
+        return self._unary(self._list_models_call(timeout))
+
+    def get_model(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> pb.ModelInfo:
+        """One model's manifest (the newest version when version is empty)."""
+        return self._unary(self._get_model_call(model, version, timeout))
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        resp = stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
-        )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+        """The gRPC health status ("SERVING", "NOT_SERVING", ...) of the server (service ""),
+        of "lstm_serve.v1.LstmServe", or of a model by name."""
+        return self._unary(self._health_call(service, timeout))
 
     def session(self, model: str, session_id: str, version: str = "", **kw: Any) -> SessionStream:
+        """A resumable stream of one session's steps (see SessionStream for kw)."""
         return SessionStream(self, model, session_id, version, **kw)
+
+
+def _stream_error(exc: BaseException | None) -> BaseException:
+    """What a session stream raises when it gives up: a typed error for a gRPC status or for a
+    stream that ended without an answer; any other exception as it is."""
+    if exc is None or isinstance(exc, StopIteration):
+        return Unavailable(grpc.StatusCode.UNAVAILABLE, "the stream ended without an answer")
+    if isinstance(exc, grpc.RpcError):
+        return from_rpc_error(exc)
+    return exc
 
 
 class SessionStream:
@@ -342,13 +582,16 @@ class SessionStream:
 
     After a disconnect it reconnects and resends every unanswered request with its seq: the
     server answers the ones it had applied from its replay cache and applies the rest, so no
-    step is lost or applied twice.
+    step is lost or applied twice. A status that is not worth a retry (or the last retry's)
+    is raised as an LstmServeError subclass.
     """
 
     def __init__(
         self, client: Client, model: str, session_id: str, version: str = "",
         start_seq: int | None = None, max_retries: int = 8, backoff_s: float = 0.05,
     ) -> None:  # fmt: skip
+        """start_seq: the seq of the first step (the session's next_seq, asked, when None);
+        max_retries and backoff_s (doubling): how hard send() retries a broken stream."""
         self.client = client
         self.model, self.version, self.session_id = model, version, session_id
         self.max_retries, self.backoff_s = max_retries, backoff_s
@@ -368,6 +611,7 @@ class SessionStream:
         )
 
     def close(self) -> None:
+        """End the stream (the session lives on; end_session drops it)."""
         if self._requests is not None:
             self._requests.put(None)
             self._requests = None
@@ -398,7 +642,7 @@ class SessionStream:
                 code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
                 self.close()
                 if code not in RETRYABLE or attempt == self.max_retries:
-                    raise
+                    raise _stream_error(exc) from None
                 self.reconnects += 1
                 # A new call on the same channel: the channel reconnects by itself, and the
                 # client's other streams on it are left alone.
@@ -406,32 +650,39 @@ class SessionStream:
         raise AssertionError("unreachable")
 
 
-class AsyncClient:
-    """asyncio client, same calls as Client."""
+class AsyncClient(_ClientBase):
+    """asyncio client with the same calls as Client (each a coroutine), built and decoded by
+    the same code. Every call takes an optional timeout (seconds) and raises an LstmServeError
+    subclass when it fails."""
 
     def __init__(
         self, target: str | Connection, timeout: float | None = 30.0, gateway_id: str = ""
     ) -> None:
-        self.conn = target if isinstance(target, Connection) else Connection(target)
-        self.timeout = timeout
-        # Routes this client's frames (of many sessions) to one replica.
-        self.gateway_id = gateway_id or uuid.uuid4().hex
-        self._open()
+        """As Client's. The channel is made at once; it connects on the first call."""
+        super().__init__(target, timeout, gateway_id)
 
     def _open(self) -> None:
         creds = self.conn.credentials()
-        self.channel = (
+        self._stubs(
             grpc.aio.secure_channel(self.conn.target, creds, self.conn.options)
             if creds
             else grpc.aio.insecure_channel(self.conn.target, self.conn.options)
         )
-        self.stub = pb_grpc.LstmServeStub(self.channel)
+
+    async def _unary(self, call: _Call[T]) -> T:
+        try:
+            resp = await self._method(call)(call.request, **call.kw)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return call.decode(resp)
 
     async def reconnect(self) -> None:
+        """Close the channel and open a new one to the same target."""
         await self.channel.close(None)
         self._open()
 
     async def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
         await self.channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
@@ -440,12 +691,9 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _kw(self, timeout: float | None, route: str | None = None) -> dict[str, Any]:
-        return {"timeout": timeout or self.timeout, "metadata": self.conn.routed(route)}
-
     async def step(self, request: pb.StepRequest, timeout: float | None = None) -> list[StepResult]:
-        kw = self._kw(timeout, route_of(request, self.gateway_id))
-        return step_results(await self.stub.Predict(request, **kw))
+        """Send one request (one session or a gateway frame of many)."""
+        return await self._unary(self._step_call(request, timeout))
 
     async def step_frame(
         self, model: str, session_ids: Sequence[str], x: np.ndarray,
@@ -454,33 +702,73 @@ class AsyncClient:
         top_k: int = 0, timeout: float | None = None,
     ) -> FrameResult:  # fmt: skip
         """Many sessions' steps in one columnar message (see frame_request), run as one batch."""
-        req = frame_request(model, session_ids, x, seqs, resets, version=version, top_k=top_k)
-        kw = self._kw(timeout, self.gateway_id)
-        return frame_result(req, await self.stub.Predict(req, **kw))
+        return await self._unary(
+            self._frame_call(model, session_ids, x, seqs, resets, version, top_k, timeout)
+        )
 
     async def predict(
         self, model: str, session_id: str, x: ArrayLike | None = None, *,
         tokens: Sequence[int] | None = None, seq: int | None = None, reset: bool = False,
         version: str = "", top_k: int = 0, timeout: float | None = None,
     ) -> StepResult:  # fmt: skip
-        req = step_request(
-            model, [session_steps(session_id, x, tokens, seq, reset)], version, top_k=top_k
+        """One session's steps (see Client.predict)."""
+        return await self._unary(
+            self._predict_call(model, session_id, x, tokens, seq, reset, version, top_k, timeout)
         )
-        return (await self.step(req, timeout))[0]
 
-    async def get_session(self, model: str, session_id: str, version: str = "") -> SessionState:
-        ref = pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
-        info = await self.stub.GetSession(ref, **self._kw(None, session_id))
-        return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
+    async def forecast(
+        self, model: str, session_id: str, horizon: int, *, version: str = "",
+        temperature: float = 0.0, top_k: int = 0, seed: int = 0, commit: bool = False,
+        prefix: pb.SessionSteps | None = None, timeout: float | None = None,
+    ) -> ForecastOutput:  # fmt: skip
+        """Roll the session forward horizon steps (see Client.forecast)."""
+        call = self._forecast_call(
+            model, session_id, horizon, version, temperature, top_k, seed, commit, prefix, timeout
+        )
+        return await self._unary(call)
 
-    async def end_session(self, model: str, session_id: str, version: str = "") -> SessionState:
-        ref = pb.SessionRef(model=pb.ModelRef(name=model, version=version), session_id=session_id)
-        info = await self.stub.EndSession(ref, **self._kw(None, session_id))
-        return SessionState(info.session_id, info.exists, info.next_seq, info.idle_seconds)
+    async def get_session(
+        self, model: str, session_id: str, version: str = "", *, timeout: float | None = None
+    ) -> SessionState:
+        """The session's next_seq and idle time (exists=False for an unknown session)."""
+        return await self._unary(
+            self._session_call("GetSession", model, session_id, version, timeout)
+        )
+
+    async def reset_session(
+        self, model: str, session_id: str, version: str = "", *, timeout: float | None = None
+    ) -> SessionState:
+        """Zero the session's state; its steps count from seq 0 again (NotFound if unknown)."""
+        return await self._unary(
+            self._session_call("ResetSession", model, session_id, version, timeout)
+        )
+
+    async def end_session(
+        self, model: str, session_id: str, version: str = "", *, timeout: float | None = None
+    ) -> SessionState:
+        """Drop the session and its state (NotFound if unknown)."""
+        return await self._unary(
+            self._session_call("EndSession", model, session_id, version, timeout)
+        )
+
+    async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        """The loaded models, each with its manifest."""
+        return await self._unary(self._list_models_call(timeout))
+
+    async def get_model(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> pb.ModelInfo:
+        """One model's manifest (the newest version when version is empty)."""
+        return await self._unary(self._get_model_call(model, version, timeout))
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The gRPC health status of the server, the service or a model (see Client.health)."""
+        return await self._unary(self._health_call(service, timeout))
 
     def session(
         self, model: str, session_id: str, version: str = "", **kw: Any
     ) -> AsyncSessionStream:
+        """A resumable, pipelining stream of one session's steps (see AsyncSessionStream)."""
         return AsyncSessionStream(self, model, session_id, version, **kw)
 
 
@@ -496,6 +784,8 @@ class AsyncSessionStream:
         self, client: AsyncClient, model: str, session_id: str, version: str = "",
         start_seq: int | None = None, max_retries: int = 8, backoff_s: float = 0.05,
     ) -> None:  # fmt: skip
+        """As SessionStream's; the first send() asks the session's next_seq when start_seq is
+        None."""
         self.client = client
         self.model, self.version, self.session_id = model, version, session_id
         self.max_retries, self.backoff_s = max_retries, backoff_s
@@ -577,7 +867,7 @@ class AsyncSessionStream:
                         return
                     except Exception as exc:
                         self._call, error = None, exc
-            failure = error if error is not None else ConnectionError("stream ended")
+            failure = _stream_error(error)
             while self._unacked:
                 _, fut = self._unacked.popleft()
                 if not fut.done():
@@ -586,6 +876,7 @@ class AsyncSessionStream:
     async def send(
         self, x: ArrayLike | None = None, tokens: Sequence[int] | None = None, top_k: int = 0
     ) -> StepResult:
+        """Send the next steps; returns their outputs (resent through disconnects)."""
         async with self._lock:  # numbering and writing happen in call order
             if self.next_seq is None:
                 state = await self.client.get_session(self.model, self.session_id, self.version)
@@ -613,6 +904,7 @@ class AsyncSessionStream:
         return await fut
 
     async def stream(self, xs: AsyncIterator[ArrayLike]) -> AsyncIterator[StepResult]:
+        """Send each x of xs in turn and yield its result."""
         async for x in xs:
             yield await self.send(x)
 

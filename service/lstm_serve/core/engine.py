@@ -122,6 +122,8 @@ class Engine:
         self.device = "cpu"
         # Called with (model name, reason) when a model's inference worker dies or stalls.
         self.on_model_failed: Callable[[str, str], None] | None = None
+        # Called after versions were loaded, unloaded or freed (the server's health follows).
+        self.on_versions_changed: Callable[[], None] | None = None
         self._redis: Any = None
         # With a shared store: whether it accepts this replica (set by _share); its on_change
         # is called with the reason while the store refuses this replica, None once it accepts.
@@ -236,7 +238,8 @@ class Engine:
         except ServiceError:
             return False
         refused = self.store_health is not None and self.store_health.refused is not None
-        return self._accepting and lm.scheduler.broken is None and not refused
+        serving = lm.retired_at is None  # a version being unloaded takes no new sessions
+        return self._accepting and lm.scheduler.broken is None and not refused and serving
 
     @property
     def idle(self) -> bool:
@@ -569,8 +572,16 @@ class Engine:
             if mv is None:
                 errors += [str(e) for e in errs]
                 continue
-            self.versions.add(await self._load_one(mv))
+            try:  # the warm-up run: a graph that loads may still fail to run
+                lm = await self._load_one(mv)
+            except Exception as exc:
+                logger.exception("model %s/%s failed its warm-up run", name, d.name)
+                errors.append(f"{d}: the warm-up run failed ({type(exc).__name__})")
+                continue
+            self.versions.add(lm)
             loaded.append(d.name)
+        if loaded:
+            self._versions_changed()
         if errors:
             logger.error("model %s: not loaded: %s", name, "; ".join(errors))
             raise FailedPrecondition(f"model {name!r} not loaded: " + "; ".join(errors)[:1000])
@@ -597,6 +608,7 @@ class Engine:
                 lm.label, len(lm.store), drain_s,
             )  # fmt: skip
         self.reap_versions()
+        self._versions_changed()
         return [lm.version for lm in lms]
 
     async def poll(self, drain_s: float = 300.0) -> tuple[list[str], list[str]]:
@@ -662,7 +674,13 @@ class Engine:
             self.versions.drop(lm)
             lm.scheduler.close()
             logger.info("model %s unloaded", lm.label)
+        if gone:
+            self._versions_changed()
         return [lm.label for lm in gone]
+
+    def _versions_changed(self) -> None:
+        if self.on_versions_changed is not None:
+            self.on_versions_changed()
 
     # -- background work -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
@@ -25,6 +26,14 @@ from lstm_serve.core.repository import Kind, ModelVersion, Repository
 from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.store import SessionStore
 from lstm_serve.core.sync import StateSync
+
+
+class ModelControl(StrEnum):
+    """How model versions change while serving."""
+
+    none = "none"  # the versions found at start, until a restart
+    poll = "poll"  # the repository directory is read every model_poll_s
+    explicit = "explicit"  # on request only (repository calls, the CLI)
 
 
 @dataclass(eq=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -19,8 +20,10 @@ from pydantic import ValidationError
 
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.repository import load_repository
-from lstm_serve.server import reflection
+from lstm_serve.core.versions import ModelControl
+from lstm_serve.server import kserve_http, reflection
 from lstm_serve.server.interceptors import (
+    Authenticator,
     AuthInterceptor,
     Interceptor,
     StatusInterceptor,
@@ -28,6 +31,7 @@ from lstm_serve.server.interceptors import (
 )
 from lstm_serve.server.kserve import InferenceServicer
 from lstm_serve.server.metrics import Metrics, serve_metrics
+from lstm_serve.server.model_control import ModelControlCalls
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
 from lstm_serve.server.pb import lstm_serve_pb2 as pb
@@ -86,7 +90,11 @@ class LstmServer:
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0
+        self.http_port = 0
         self._health_server: grpc.aio.Server | None = None
+        # The Open Inference Protocol's HTTP/REST form (http_port >= 0): bound with the other
+        # ports, started after the models load.
+        self._http: kserve_http.HttpServer | None = None
         # Bound but not yet started (start() releases them when it fails).
         self._unstarted: grpc.aio.Server | None = None
         self._unstarted_health: grpc.aio.Server | None = None
@@ -95,6 +103,8 @@ class LstmServer:
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._poller: asyncio.Future[None] | None = None
+        self._model_names: set[str] = set()
 
     async def start(self) -> None:
         """Bind every port, then load the models and serve. A port that is taken fails before
@@ -137,9 +147,15 @@ class LstmServer:
             server,
         )
         # The Open Inference Protocol on the same port, onto the same engine.
-        ipb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.engine, s.max_inflight_per_stream, s.max_message_bytes), server
+        control = ModelControlCalls(
+            self.engine, s.model_control, s.unload_drain_s,
+            auth=bool(tokens) or s.tls_client_ca is not None,
+            admins=frozenset(n.strip() for n in s.admin_clients.split(",") if n.strip()),
+        )  # fmt: skip
+        inference = InferenceServicer(
+            self.engine, s.max_inflight_per_stream, s.max_message_bytes, control
         )
+        ipb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable(
             (
@@ -164,6 +180,25 @@ class LstmServer:
             self._metrics_http, self.metrics_port = _serve_metrics(
                 self.metrics, s.metrics_host, s.metrics_port
             )
+        if s.http_port >= 0:
+            # Its HTTP/REST form: the gRPC host, TLS and tokens, a port of its own.
+            auth = (
+                Authenticator(tokens, mtls=s.tls_client_ca is not None)
+                if tokens or s.tls_client_ca is not None
+                else None
+            )
+            ssl_ctx = (
+                kserve_http.ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca)
+                if s.tls_cert is not None and s.tls_key is not None
+                else None
+            )
+            self._http = kserve_http.HttpServer(
+                kserve_http.HttpFront(inference, auth),
+                _bind_http(s.host, s.http_port),
+                ssl_ctx,
+                s.max_message_bytes,
+            )
+            self.http_port = self._http.port
         health_server = None
         if s.health_port >= 0:
             # A server of its own: the same health statuses, and nothing else, in plaintext.
@@ -183,8 +218,14 @@ class LstmServer:
             # from its creation.
             await health_server.start()
             self._health_server, self._unstarted_health = health_server, None
+        if self._http is not None:
+            await self._http.start(shutdown_timeout=min(s.grace_period_s, 1.0))
         for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME, *repo.models):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._model_names = set(repo.models)
+        self.engine.on_versions_changed = self._mark_health
+        if s.model_control is ModelControl.poll:
+            self._poller = asyncio.ensure_future(self._poll_models())
         store = self.engine.store_health
         if store is not None:
             store.on_change = self._store_refused
@@ -195,9 +236,10 @@ class LstmServer:
             if self._metrics_http
             else "off (metrics_port -1)"
         )
+        http_at = f"{s.host}:{self.http_port}" if self._http else "off (http_port -1)"
         logger.info(
-            "lstm-serve listening on %s:%d (%s), metrics %s, models: %s",
-            s.host, self.port, "TLS" if s.tls_cert else "plaintext", metrics_at,
+            "lstm-serve listening on %s:%d (%s), HTTP/REST %s, metrics %s, models: %s",
+            s.host, self.port, "TLS" if s.tls_cert else "plaintext", http_at, metrics_at,
             ", ".join(lm.label for lm in self.engine.models.values()),
         )  # fmt: skip
 
@@ -208,6 +250,9 @@ class LstmServer:
             if server is not None:
                 await server.stop(None)
         self._unstarted = self._unstarted_health = self.server = self._health_server = None
+        if self._http is not None:
+            await self._http.stop()  # closes its socket, started or only bound
+            self._http = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -231,6 +276,11 @@ class LstmServer:
         # A shared store that refuses this replica (its password, its TLS settings) is this
         # replica's fault, unlike the store's outage: out of the load balancer until the store
         # accepts it again (reason None), when health follows the models' state again.
+        self._mark_health()
+
+    def _mark_health(self) -> None:
+        """Health as the engine stands: the server's, and each model name's (SERVING while it
+        has a version that takes new sessions; names whose last version went: NOT_SERVING)."""
         engine = self.engine
         assert engine is not None
 
@@ -241,11 +291,25 @@ class LstmServer:
             )
             for service in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME):
                 await self.health.set(service, up if engine.ready else down)
-            for name in engine.repository.models:
+            self._model_names.update(engine.repository.models)
+            for name in sorted(self._model_names):
                 await self.health.set(name, up if engine.model_ready(name) else down)
 
         self._background.add(task := asyncio.ensure_future(mark()))
         task.add_done_callback(self._background.discard)
+
+    async def _poll_models(self) -> None:
+        """model_control poll: versions follow the repository directory."""
+        assert self.engine is not None
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.model_poll_s)
+            try:
+                loaded, unloaded = await self.engine.poll(s.unload_drain_s)
+                if loaded or unloaded:
+                    logger.info("models polled: loaded %s, unloading %s", loaded, unloaded)
+            except Exception:
+                logger.exception("polling the model repository failed")
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new work, drain, snapshot, close. Safe to call again,
@@ -257,12 +321,20 @@ class LstmServer:
     async def _stop(self, grace: float | None) -> None:
         grace = self.settings.grace_period_s if grace is None else grace
         logger.info("stopping: draining for up to %.1fs", grace)
+        if self._http is not None:
+            self._http.front.draining = True  # /v2/health/ready fails from now on
         await self.health.enter_graceful_shutdown()
+        if self._poller is not None:  # no version loads or unloads while stopping
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
         if self.engine is not None:
             self.engine.stop_accepting()
             await self.engine.drain(grace)
         if self.server is not None:
             await self.server.stop(min(grace, 1.0))
+        if self._http is not None:  # stop listening, answer what is in flight, close
+            await self._http.stop()
         if self.engine is not None:
             await self.engine.close()
         if self._health_server is not None:  # last: probes see NOT_SERVING until the end
@@ -321,6 +393,17 @@ def _why_not(host: str, port: int) -> str:
     except OSError as exc:
         return str(exc.strerror or exc)
     return "gRPC could not bind it"
+
+
+def _bind_http(host: str, port: int) -> socket.socket:
+    try:
+        return kserve_http.bind(host, port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {host}:{port} for HTTP/REST ({exc.strerror or exc}): choose "
+            f"another port with {_flag_and_env('http_port')} (0 picks a free one, -1 turns it "
+            f"off), or another address with {_flag_and_env('host')}"
+        ) from exc
 
 
 def _serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[object, int]:

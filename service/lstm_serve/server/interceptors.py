@@ -241,31 +241,48 @@ def load_tokens(tokens_file: Path | None, tokens: str) -> dict[str, str]:
     return table
 
 
-class AuthInterceptor(Interceptor):
-    """Bearer tokens and/or client certificates name the principal that namespaces sessions."""
+class Authenticator:
+    """The check every protocol's front end shares: bearer tokens and/or client certificates
+    name the principal that namespaces sessions ("" when authentication is off)."""
 
     def __init__(self, tokens: dict[str, str], mtls: bool) -> None:
         self.tokens = tokens
         self.mtls = mtls
 
-    def _principal(self, context: Context, metadata: dict[str, str]) -> str:
+    def principal(self, authorization: str | None, common_name: Callable[[], str | None]) -> str:
+        """authorization: the request's `Authorization` value; common_name: the client
+        certificate's CN (asked only with mTLS and no tokens)."""
         if self.tokens:
-            header = metadata.get("authorization", "")
-            scheme, _, token = header.partition(" ")
+            scheme, _, token = (authorization or "").partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise Unauthenticated(
-                    "missing bearer token (metadata 'authorization: Bearer <token>')"
+                    "missing bearer token (gRPC metadata or HTTP header "
+                    "'authorization: Bearer <token>')"
                 )
             for known, name in self.tokens.items():
                 if hmac.compare_digest(known.encode(), token.strip().encode()):
                     return name
             raise Unauthenticated("invalid token")
         if self.mtls:
-            names = list(context.auth_context().get("x509_common_name") or [])
-            if names:
-                return "cn:" + bytes(names[0]).decode()
+            cn = common_name()
+            if cn:
+                return "cn:" + cn
             raise Unauthenticated("client certificate has no common name")
         return ""
+
+
+class AuthInterceptor(Interceptor):
+    """Bearer tokens and/or client certificates name the principal that namespaces sessions."""
+
+    def __init__(self, tokens: dict[str, str], mtls: bool) -> None:
+        self.auth = Authenticator(tokens, mtls)
+
+    def _principal(self, context: Context, metadata: dict[str, str]) -> str:
+        def common_name() -> str | None:
+            names = list(context.auth_context().get("x509_common_name") or [])
+            return bytes(names[0]).decode() if names else None
+
+        return self.auth.principal(metadata.get("authorization"), common_name)
 
     async def intercept_service(
         self,

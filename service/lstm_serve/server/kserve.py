@@ -1,23 +1,25 @@
 """The Open Inference Protocol servicer (`inference.GRPCInferenceService`, KServe v2 with Triton's
 sequence extension): a translator onto the same engine as lstm_serve.v1. It decodes into a
-frame, makes one engine call, encodes. RPCs not listed here answer UNIMPLEMENTED."""
+frame, makes one engine call, encodes. The repository calls go to server/model_control.py.
+RPCs not listed here answer UNIMPLEMENTED."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
-from lstm_serve.core.errors import ServiceError
+from lstm_serve.core.errors import FailedPrecondition, InvalidArgument, ServiceError
 from lstm_serve.core.jobs import StepResult
 from lstm_serve.core.repository import Manifest, ModelVersion
 from lstm_serve.server import kserve_convert as K
 from lstm_serve.server.interceptors import PRINCIPAL
 from lstm_serve.server.limits import answer_limit, check_answer
+from lstm_serve.server.model_control import ModelControlCalls
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
 from lstm_serve.server.streams import Context, deadline_of, pipeline
@@ -25,9 +27,25 @@ from lstm_serve.server.streams import Context, deadline_of, pipeline
 logger = logging.getLogger(__name__)
 
 # What this server implements of Triton's extensions (reported by ServerMetadata).
-EXTENSIONS = ["classification", "sequence", "model_configuration"]
+EXTENSIONS = ["classification", "sequence", "model_configuration", "model_repository"]
 
 Pending = tuple[ModelVersion, K.Decoded, "asyncio.Future[StepResult]"]
+# How a failure is told to the client: (error, model name, version) -> the error it gets.
+Translate = Callable[[ServiceError, str, str], ServiceError]
+
+
+def _version_parameter(parameters: Mapping[str, ipb.ModelRepositoryParameter]) -> str:
+    """lstm-serve's extension: a `version` parameter (string or int64) loads or unloads one
+    version; without it, every version of the model."""
+    p = parameters.get("version")
+    if p is None:
+        return ""
+    kind = p.WhichOneof("parameter_choice")
+    if kind == "string_param":
+        return str(p.string_param)
+    if kind == "int64_param":
+        return str(p.int64_param)
+    raise InvalidArgument("the version parameter must be a string or an int64")
 
 
 def _version() -> str:
@@ -39,11 +57,16 @@ def _version() -> str:
 
 class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, engine: Engine, max_inflight_per_stream: int, max_message_bytes: int
+        self,
+        engine: Engine,
+        max_inflight_per_stream: int,
+        max_message_bytes: int,
+        control: ModelControlCalls | None = None,
     ) -> None:
         self.engine = engine
         self.window = max_inflight_per_stream
         self.max_message_bytes = max_message_bytes
+        self.control = control
 
     # -- health and metadata ---------------------------------------------------------------------
 
@@ -93,13 +116,52 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             config=K.model_config(mv, s.max_sessions_per_request, s.session_ttl_s)
         )
 
+    # -- the model repository (admin calls) ----------------------------------------------------
+
+    def _control(self) -> ModelControlCalls:
+        if self.control is None:
+            raise FailedPrecondition("the model repository calls are not served here")
+        return self.control
+
+    async def RepositoryIndex(
+        self, request: ipb.RepositoryIndexRequest, context: Context
+    ) -> ipb.RepositoryIndexResponse:
+        entries = self._control().index(request.ready)
+        return ipb.RepositoryIndexResponse(
+            models=[
+                ipb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: ipb.RepositoryModelLoadRequest, context: Context
+    ) -> ipb.RepositoryModelLoadResponse:
+        version = _version_parameter(request.parameters)
+        await self._control().load(PRINCIPAL.get(), request.model_name, version)
+        return ipb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: ipb.RepositoryModelUnloadRequest, context: Context
+    ) -> ipb.RepositoryModelUnloadResponse:
+        version = _version_parameter(request.parameters)
+        self._control().unload(PRINCIPAL.get(), request.model_name, version)
+        return ipb.RepositoryModelUnloadResponse()
+
     # -- inference -------------------------------------------------------------------------------
 
     def _limit(self, context: Context) -> int:
         return answer_limit(context.invocation_metadata(), self.max_message_bytes)
 
     def _submit(
-        self, req: ipb.ModelInferRequest, principal: str, deadline: float | None, limit: int
+        self,
+        req: ipb.ModelInferRequest,
+        principal: str,
+        deadline: float | None,
+        limit: int,
+        translate: Translate = K.triton_error,
     ) -> Pending:
         """Decode and queue one request (synchronously: requests queue in the order read)."""
         decoded: list[K.Decoded] = []
@@ -115,23 +177,35 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             fut = self.engine.submit_step(name, ver, decode, principal, deadline)
             return self.engine.get_model(name, ver), decoded[0], fut
         except ServiceError as exc:
-            raise K.triton_error(exc, name, ver) from None
+            raise translate(exc, name, ver) from None
 
-    async def _answer(self, req: ipb.ModelInferRequest, p: Pending) -> ipb.ModelInferResponse:
+    async def _answer(
+        self, req: ipb.ModelInferRequest, p: Pending, translate: Translate = K.triton_error
+    ) -> ipb.ModelInferResponse:
         mv, d, fut = p
         try:
             result = await fut
         except ServiceError as exc:
-            raise K.triton_error(exc, req.model_name, req.model_version) from None
+            raise translate(exc, req.model_name, req.model_version) from None
         return K.encode(mv, req, d, result)
+
+    async def infer(
+        self,
+        request: ipb.ModelInferRequest,
+        principal: str,
+        deadline: float | None,
+        limit: int,
+        translate: Translate = K.triton_error,
+    ) -> ipb.ModelInferResponse:
+        """One request, decoded, run and encoded: ModelInfer, and the HTTP/REST form's infer."""
+        p = self._submit(request, principal, deadline, limit, translate)
+        return await self._answer(request, p, translate)
 
     async def ModelInfer(
         self, request: ipb.ModelInferRequest, context: Context
     ) -> ipb.ModelInferResponse:
         limit = self._limit(context)
-        return await self._answer(
-            request, self._submit(request, PRINCIPAL.get(), deadline_of(context), limit)
-        )
+        return await self.infer(request, PRINCIPAL.get(), deadline_of(context), limit)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[ipb.ModelInferRequest], context: Context

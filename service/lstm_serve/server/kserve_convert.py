@@ -290,6 +290,17 @@ def triton_error(exc: ServiceError, name: str, version: str) -> ServiceError:
     return exc
 
 
+def http_error(exc: ServiceError, name: str, version: str) -> ServiceError:
+    """As triton_error, except where HTTP has a truer status than Triton's gRPC one: an unknown
+    model or version stays NOT_FOUND (404), a full queue or the session cap RESOURCE_EXHAUSTED
+    (429)."""
+    if isinstance(exc, NotFound) and not isinstance(exc, SessionNotFound):
+        return NotFound(triton_error(exc, name, version).message)
+    if isinstance(exc, ResourceExhausted):
+        return exc
+    return triton_error(exc, name, version)
+
+
 # -- metadata and config ----------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import start_http_server
 
+from lstm_serve import __version__
 from lstm_serve.core.probes import Incrementer, ManyObserver, Probes
 
 # Seconds: 50 us .. 10 s, dense where a step on a CPU lands.
@@ -45,9 +47,21 @@ class ManyHistogram:
         self._sum.inc(float(amounts.sum()))
 
 
+def build_labels() -> dict[str, str]:
+    """lstm_serve_build_info's labels: what this process runs."""
+    import onnxruntime  # the server has it loaded already; imported here for the others
+
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "onnxruntime": str(onnxruntime.__version__),
+    }
+
+
 @dataclass(frozen=True)
 class Metrics:
     registry: CollectorRegistry
+    build_info: Gauge
     step_latency: Histogram
     queue_seconds: Histogram
     inference_seconds: Histogram
@@ -114,8 +128,19 @@ class Metrics:
         # process_cpu_seconds_total, process_resident_memory_bytes, ... for the dashboard.
         ProcessCollector(registry=r)
         grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
+        # Always 1: which versions run where, and a series whose absence means that no
+        # lstm-serve is scraped (the alerts match on it rather than on a job name).
+        labels = build_labels()
+        build_info = Gauge(
+            "lstm_serve_build_info",
+            "Always 1; the labels say which lstm-serve, Python and ONNX Runtime this process runs.",
+            list(labels),
+            registry=r,
+        )
+        build_info.labels(**labels).set(1)
         return cls(
             registry=r,
+            build_info=build_info,
             step_latency=Histogram(
                 "lstm_serve_step_latency_seconds",
                 "Time from a request's arrival at the engine to its outputs, per session request.",

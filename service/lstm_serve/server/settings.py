@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from lstm_serve.core.runtime import Device
 from lstm_serve.core.store import CapPolicy
 from lstm_serve.core.sync import AnswerMode
+from lstm_serve.core.versions import ModelControl
 
 DEFAULT_MODELS = Path(__file__).resolve().parents[3] / "models"
 
@@ -39,8 +40,30 @@ class Settings(BaseSettings):
         le=65535,
         description="A plaintext port serving only grpc.health.v1 (0 picks a free one, -1 disables): for probes that cannot speak the main port's TLS or mTLS, such as the image's HEALTHCHECK and Kubernetes gRPC probes.",
     )
+    http_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="Port of the Open Inference Protocol's HTTP/REST form (KServe v2 REST, as Triton's HTTP endpoint), on the gRPC host with the same TLS and tokens, over the same sessions (0 picks a free one, -1 disables).",
+    )
     model_repository: Path = Field(
         DEFAULT_MODELS, description="Directory of models/<name>/<version>/."
+    )
+    model_control: ModelControl = Field(
+        ModelControl.none,
+        description="How versions change while serving: none (those found at start), poll (the repository is read every model_poll_s: new versions load, removed ones unload) or explicit (load and unload requests: the Open Inference Protocol's repository calls, `lstm-serve models load|unload`).",
+    )
+    model_poll_s: float = Field(
+        10.0, gt=0, description="With model_control poll: seconds between looks at the repository."
+    )
+    unload_drain_s: float = Field(
+        300.0,
+        ge=0,
+        description="After a version is unloaded, how long its sessions may go on (new sessions go to the default version at once); later steps on it are refused, naming it.",
+    )
+    admin_clients: str = Field(
+        "",
+        description="Comma-separated client names (from the auth tokens) allowed to load and unload models; with tokens set, no one else may. Without tokens anyone reaching the port may.",
     )
     device: Device = Field(
         Device.auto, description="auto (CUDA when usable, else CPU), cpu or cuda."

@@ -373,7 +373,13 @@ def fit_baselines(
         for family in (hws, ars):
             if family:
                 best, val = choose(family, seen, split, h)
-                logger.info("horizon %d: %s chose %s (val MAE %s)", h, best.name, _label(best), val)
+                logger.info(
+                    "horizon %d: %s chose %s (validation MAE: %s)",
+                    h,
+                    best.name,
+                    _label(best),
+                    ", ".join(f"{k} {v:.4f}" for k, v in val.items()),
+                )
                 picks.append(best)
         chosen[h] = picks
     return chosen

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 State = tuple["torch.Tensor", "torch.Tensor"]
+# Within an epoch, a progress line at most this often (an epoch of text takes minutes).
 PROGRESS_EVERY_S = 30.0
 
 
@@ -231,6 +232,27 @@ def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def format_duration(seconds: float) -> str:
+    """45s, 3m05s, 2h07m: short enough for a progress line."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def eta(seconds_left: float, time_left: float) -> str:
+    """The ETA of the planned work, or of the wall-clock guard when that comes first."""
+    if time_left < seconds_left:
+        return f"ETA {format_duration(time_left)} (time limit)"
+    return f"ETA {format_duration(seconds_left)}"
+
+
+# Called every PROGRESS_EVERY_S within an epoch: (chunks done, chunks in the epoch, mean loss).
+ChunkProgress = Callable[[int, int, float], None]
+
+
 def train_epoch(
     model: nn.Module,
     chunk_loss: ChunkLoss,
@@ -240,10 +262,12 @@ def train_epoch(
     offset: int,
     deadline: float,
     step_sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+    progress: ChunkProgress | None = None,
 ) -> tuple[float, bool]:
     """One pass of truncated BPTT over streams [batch, L, ...]; (mean loss, finished in time).
 
     `step_sched`, if given, steps after every optimiser step (a per-step lr schedule).
+    `progress`, if given, is told how far the epoch is every PROGRESS_EVERY_S.
     """
     import torch
 
@@ -273,7 +297,10 @@ def train_epoch(
         count += 1
         now = time.monotonic()
         if now > next_note:  # long epochs (text) still show signs of life
-            logger.info("  chunk %d/%d  train_loss %.5f", count, n_chunks, total / count)
+            if progress is not None:
+                progress(count, n_chunks, total / count)
+            else:
+                logger.info("  chunk %d/%d  train %.5f", count, n_chunks, total / count)
             next_note = now + PROGRESS_EVERY_S
         if now > deadline:
             return total / count, False
@@ -713,9 +740,19 @@ class _Fit:
 
 
 def _fit_one(
-    task: RealTask | TokenTask, recipe: Recipe, seed: int, deadline: float, val_name: str
+    task: RealTask | TokenTask,
+    recipe: Recipe,
+    seed: int,
+    deadline: float,
+    val_name: str,
+    later_members: int = 0,
 ) -> _Fit:
-    """Train one model from `seed` with early stopping on validation; the best epoch's weights."""
+    """Train one model from `seed` with early stopping on validation; the best epoch's weights.
+
+    Each epoch logs a progress line with its ETA: the epochs still planned (this member's and
+    `later_members` more ensemble members') at the mean time per epoch so far, or the time left
+    to the wall-clock guard when that is sooner. Early stopping may end the run before it.
+    """
     import torch
 
     spec = recipe.train
@@ -746,24 +783,58 @@ def _fit_one(
     best_val, best_epoch = float("inf"), 0
     best_state = copy.deepcopy(model.state_dict())
     stopped = "epochs"
+    epoch, epoch_start = 0, start
+
+    def chunk_note(done: int, n_chunks: int, loss: float) -> None:
+        """Mid-epoch progress: this epoch's pace so far, and the epochs after it."""
+        now = time.monotonic()
+        per_chunk = (now - epoch_start) / done
+        per_epoch = (epoch_start - start) / (epoch - 1) if epoch > 1 else n_chunks * per_chunk
+        later = spec.epochs - epoch + later_members * spec.epochs
+        left = (n_chunks - done) * per_chunk + later * per_epoch
+        logger.info(
+            "  epoch %d/%d  chunk %d/%d  train %.5f  %s",
+            epoch,
+            spec.epochs,
+            done,
+            n_chunks,
+            loss,
+            eta(left, deadline - now),
+        )
+
     for epoch in range(1, spec.epochs + 1):
+        epoch_start = time.monotonic()
         # Move the truncation points each epoch so no step is always at a chunk edge.
         offset = 0 if epoch == 1 else int(rng.integers(0, spec.bptt))
         streams = task.epoch_streams(rng)
         loss, finished = train_epoch(
-            model, task.chunk_loss(model), streams, spec, opt, offset, deadline, step_sched
+            model,
+            task.chunk_loss(model),
+            streams,
+            spec,
+            opt,
+            offset,
+            deadline,
+            step_sched,
+            chunk_note,
         )
         val = task.validate(model)
         if step_sched is None:
             sched.step(val)
-        elapsed = time.monotonic() - start
+        now = time.monotonic()
+        elapsed = now - start
         history.append(EpochStats(epoch, loss, val, elapsed))
         improved = val < best_val
         if improved:
             best_val, best_epoch = val, epoch
             best_state = copy.deepcopy(model.state_dict())
+        timed_out = not finished or now > deadline
+        patient = epoch - best_epoch < spec.patience
+        epochs_left = 0 if timed_out else later_members * spec.epochs
+        if patient and not timed_out:
+            epochs_left += spec.epochs - epoch
         logger.info(
-            "epoch %3d/%d  train_loss %.5f  %s %.5f%s  lr %.2g  elapsed %.1fs",
+            "epoch %d/%d  train %.5f  %s %.5f%s  lr %.2g  %.1fs/epoch  %s",
             epoch,
             spec.epochs,
             loss,
@@ -771,18 +842,31 @@ def _fit_one(
             val,
             " *" if improved else "",
             opt.param_groups[0]["lr"],
-            elapsed,
+            elapsed / epoch,
+            eta(epochs_left * elapsed / epoch, max(0.0, deadline - now)),
         )
-        if not finished or time.monotonic() > deadline:
+        if timed_out:
             stopped = "time_limit"
             logger.warning("stopped at the time limit: this run is not reproducible")
             break
-        if epoch - best_epoch >= spec.patience:
+        if not patient:
             stopped = "early_stopping"
             logger.info("early stopping: no %s improvement for %d epochs", val_name, spec.patience)
             break
     model.load_state_dict(best_state)
     return _Fit(model, history, best_epoch, best_val, stopped)
+
+
+def _log_held_out(metrics: dict[str, Any]) -> None:
+    """The held-out scores as `lstm-serve models` shows them: the model's, then each baseline's
+    (the fitted parameters stay in the manifest: a VAR's coefficients are no terminal reading)."""
+    from lstm_serve.cli.commands import held_out_lines
+
+    logger.info(
+        "held-out scores, lower is better (how measured: metrics.held_out in manifest.json)"
+    )
+    for line in held_out_lines(metrics):
+        logger.info("  %s", line)
 
 
 def train(
@@ -821,7 +905,9 @@ def train(
             logger.info(
                 "ensemble member %d/%d (seed %d)", member + 1, members, recipe.seed + member
             )
-        fits.append(_fit_one(task, recipe, recipe.seed + member, deadline, val_name))
+        fits.append(
+            _fit_one(task, recipe, recipe.seed + member, deadline, val_name, members - member - 1)
+        )
         if fits[-1].stopped == "time_limit":
             break
     stopped = fits[-1].stopped if len(fits) == members else "time_limit"
@@ -837,7 +923,7 @@ def train(
     cpu_seconds = time.process_time() - cpu_start
     metrics = task.test_metrics(model)
     metrics["val"] = {val_name: round(best_val, 5)}
-    logger.info("held-out: %s", {k: metrics[k] for k in ("model", "baselines")})
+    _log_held_out(metrics)
     training = {
         "recipe": recipe.model_dump(mode="json"),
         "recipe_file": _display_path(recipe_path),

@@ -1,0 +1,36 @@
+"""Drives lstm-serve's repository calls with Triton's own Python client (run by the tritonclient
+venv), as an operator's script would:
+
+    python repository.py TARGET STEP
+
+STEP index: print the repository index as JSON. STEP load:MODEL / unload:MODEL: load or
+unload every version of MODEL, then print the index; an error prints {"error": status}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+
+def main() -> None:
+    target, step = sys.argv[1], sys.argv[2]
+    c = tc.InferenceServerClient(target)
+    try:
+        if step.startswith("load:"):
+            c.load_model(step.split(":", 1)[1])
+        elif step.startswith("unload:"):
+            c.unload_model(step.split(":", 1)[1])
+    except InferenceServerException as exc:
+        print(json.dumps({"error": exc.status(), "message": exc.message()}))
+        return
+    index = c.get_model_repository_index(as_json=True)
+    ready = {m["name"]: c.is_model_ready(m["name"]) for m in index.get("models", [])}
+    print(json.dumps({"index": index.get("models", []), "ready": ready}))
+
+
+if __name__ == "__main__":
+    main()
