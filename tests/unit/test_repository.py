@@ -208,6 +208,30 @@ def test_check_graph_false_skips_the_graph(real_dir: Path) -> None:
     assert load_version(real_dir)[0] is None
 
 
+@pytest.mark.parametrize(
+    ("tensor", "axis", "what"), [("x", 0, "batch"), ("x", 1, "time"), ("h0", 1, "batch")]
+)
+def test_a_fixed_batch_or_time_axis_is_refused(
+    real_dir: Path, tensor: str, axis: int, what: str
+) -> None:
+    """A graph exported with a fixed batch or time axis loads in ONNX Runtime but cannot run a
+    batch of sessions or a request of another length (it failed the warm-up run, and stopped
+    the server): refused at load, naming the axis."""
+    import onnx
+
+    onnx_path = real_dir / "model.onnx"
+    model = onnx.load(onnx_path)
+    node = next(i for i in model.graph.input if i.name == tensor)
+    dim = node.type.tensor_type.shape.dim[axis]
+    dim.ClearField("dim_param")
+    dim.dim_value = 7
+    onnx.save(model, onnx_path)
+    edit_manifest(real_dir, _set(sha256=sha256_file(onnx_path)))
+    errs = load_errors(real_dir)
+    assert (onnx_path, f"tensors (input {tensor!r})") in where(errs), [str(e) for e in errs]
+    assert any(f"{what} (axis {axis}) is fixed at 7" in e.message for e in errs)
+
+
 @pytest.mark.parametrize("role", ["x", "h0", "c0", "y", "hn", "cn"])
 def test_wrong_tensor_names(real_dir: Path, role: str) -> None:
     edit_manifest(real_dir, _set(tensors={role: "renamed"}))

@@ -30,7 +30,14 @@ from lstm_serve.core.jobs import Limits, SessionStatus, StepResult
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.remote import StoreDown
 from lstm_serve.core.replay import ReplayCache
-from lstm_serve.core.repository import Kind, Manifest, ModelVersion, Repository, load_version
+from lstm_serve.core.repository import (
+    Kind,
+    LoadError,
+    Manifest,
+    ModelVersion,
+    Repository,
+    load_version,
+)
 from lstm_serve.core.rollout import ForecastResult, Rollout, Sampling
 from lstm_serve.core.runtime import Device, ModelRuntime, choose_device
 from lstm_serve.core.scheduler import Scheduler
@@ -143,7 +150,26 @@ class Engine:
         )  # fmt: skip
         self._choice, self._limits = choice, limits
         for mv in self.repository.all():
-            self.versions.add(await self._load_one(mv))
+            try:  # the warm-up run: a graph that passed the checks may still fail to run
+                lm = await self._load_one(mv)
+            except Exception as exc:
+                m = mv.manifest
+                logger.exception(
+                    "model %s:%s not loaded: its warm-up run failed", m.name, m.version
+                )
+                self.repository.errors.append(
+                    LoadError(
+                        mv.onnx_path, "warm-up", f"the warm-up run failed ({type(exc).__name__})"
+                    )
+                )
+                versions = self.repository.models.get(m.name, {})
+                versions.pop(m.version, None)
+                if not versions:
+                    self.repository.models.pop(m.name, None)
+                continue
+            self.versions.add(lm)
+        if not self.versions.loaded:
+            raise RuntimeError("no model version could be loaded: every warm-up run failed")
         self._tasks.append(asyncio.create_task(self._reap_forever()))
         shared = s.state_store != "memory"
         if s.snapshot_dir is not None and s.snapshot_interval_s > 0 and not shared:

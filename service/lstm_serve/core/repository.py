@@ -241,6 +241,18 @@ def _graph_errors(mv: ModelVersion) -> list[LoadError]:
                         f"rank {len(node.shape)}, expected {rank}",
                     )
                 )
+                continue
+            # Batch and time must be dynamic: sessions are batched, requests have any length.
+            seq = name in (m.tensors.x, m.tensors.y)
+            dynamic = {0: "batch", 1: "time"} if seq else {1: "batch"}
+            fixed = [i for i in dynamic if isinstance(node.shape[i], int)]
+            if fixed:
+                axes = ", ".join(
+                    f"{dynamic[i]} (axis {i}) is fixed at {node.shape[i]}" for i in fixed
+                )
+                errs.append(
+                    LoadError(path, f"tensors ({kind} {name!r})", f"{axes}; export it as dynamic")
+                )
         extra = set(actual) - set(expect)
         if extra:
             errs.append(LoadError(path, "tensors", f"graph has unexpected {kind}s {sorted(extra)}"))
