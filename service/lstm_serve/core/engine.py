@@ -36,7 +36,11 @@ from lstm_serve.core.repository import (
     Manifest,
     ModelVersion,
     Repository,
+    is_model_name,
+    is_version,
     load_version,
+    model_dirs,
+    version_dirs,
 )
 from lstm_serve.core.rollout import ForecastResult, Rollout, Sampling
 from lstm_serve.core.runtime import Device, ModelRuntime, choose_device
@@ -572,19 +576,14 @@ class Engine:
         broken (serving goes on untouched)."""
         root = self.repository.root
         model_dir = root / name
-        if (
-            not F.valid_session_id(name)
-            or "/" in name
-            or name in (".", "..")
-            or not model_dir.is_dir()
-        ):
+        if not is_model_name(name) or not model_dir.is_dir():
             raise NotFound(f"model {name[:64]!r} not found in the repository")
         if version:
             dirs = [model_dir / version]
-            if not version.isdigit() or not dirs[0].is_dir():
+            if not is_version(version) or not dirs[0].is_dir():
                 raise NotFound(f"model {name!r} has no version {version[:64]!r} in the repository")
         else:
-            dirs = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+            dirs = version_dirs(model_dir)
         loaded: list[str] = []
         errors: list[str] = []
         for d in dirs:
@@ -643,17 +642,11 @@ class Engine:
         checks is logged once per change of its manifest, not on every poll. A loaded version
         whose files changed stays as it was loaded: versions are immutable, add a new one.
         Returns (labels loaded, labels unloaded)."""
-        root = self.repository.root
         found: dict[tuple[str, str], float] = {}
-        if root.is_dir():
-            for model_dir in root.iterdir():
-                if not model_dir.is_dir():
-                    continue
-                for d in model_dir.iterdir():
-                    manifest = d / "manifest.json"
-                    if d.is_dir() and d.name.isdigit() and manifest.is_file():
-                        with contextlib.suppress(OSError):
-                            found[(model_dir.name, d.name)] = manifest.stat().st_mtime
+        for model_dir in model_dirs(self.repository.root):
+            for d in version_dirs(model_dir):
+                with contextlib.suppress(OSError):  # no manifest (yet): not a version
+                    found[(model_dir.name, d.name)] = (d / "manifest.json").stat().st_mtime
         loaded: list[str] = []
         for key, mtime in sorted(found.items()):
             lm = self.versions.loaded.get(key)

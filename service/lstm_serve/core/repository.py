@@ -339,16 +339,33 @@ def load_version(
     return mv, []
 
 
+def is_model_name(name: str) -> bool:
+    """Whether name may be a model's (and so a directory under the repository root)."""
+    return bool(_NAME.match(name))
+
+
+def is_version(version: str) -> bool:
+    return bool(_VERSION.match(version))
+
+
+def model_dirs(root: Path) -> list[Path]:
+    """The repository's model directories, by name (none when root is not a directory)."""
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def version_dirs(model_dir: Path) -> list[Path]:
+    """A model directory's version directories (whole numbers), by name."""
+    return sorted(p for p in model_dir.iterdir() if p.is_dir() and is_version(p.name))
+
+
 def load_repository(root: Path, check_graph: bool = True) -> Repository:
     """Load every valid model version under root; broken ones are reported, not fatal."""
     repo = Repository(root=root)
     if not root.is_dir():
         repo.errors.append(LoadError(root, "model_repository", "not a directory"))
         return repo
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for version_dir in sorted(
-            p for p in model_dir.iterdir() if p.is_dir() and _VERSION.match(p.name)
-        ):
+    for model_dir in model_dirs(root):
+        for version_dir in version_dirs(model_dir):
             mv, errs = load_version(version_dir, check_graph=check_graph)
             repo.errors.extend(errs)
             for e in errs:

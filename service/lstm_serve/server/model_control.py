@@ -7,11 +7,10 @@ directory decides, with none the versions found at start serve until a restart).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from lstm_serve.core.repository import load_version
+from lstm_serve.core.repository import load_version, model_dirs, version_dirs
 from lstm_serve.core.versions import ModelControl
 
 
@@ -51,11 +50,8 @@ class ModelControlCalls:
                     *key, "UNLOADING", f"unloaded; {len(lm.store)} sessions still on it"
                 )
         if not ready_only:
-            root: Path = engine.repository.root
-            for model_dir in (
-                sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-            ):
-                for d in sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+            for model_dir in model_dirs(engine.repository.root):
+                for d in version_dirs(model_dir):
                     key = (model_dir.name, d.name)
                     if key not in out:
                         _, errs = load_version(d, check_graph=False)
