@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as tc
+from errors import error_of  # tests/triton/errors.py, beside this script
 from tritonclient.grpc import service_pb2
-from tritonclient.utils import InferenceServerException
 
 REAL, TOKEN = "tiny", "tinytok"
 
@@ -26,14 +26,6 @@ def x_input(x: np.ndarray, name: str = "x") -> tc.InferInput:
     i = tc.InferInput(name, list(x.shape), dtype)
     i.set_data_from_numpy(x)
     return i
-
-
-def error_of(fn: Any) -> dict[str, Any]:
-    try:
-        fn()
-    except InferenceServerException as exc:
-        return {"status": exc.status(), "message": exc.message()}
-    return {"status": None, "message": None}
 
 
 def metadata(c: tc.InferenceServerClient, facts: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.http as th
-from tritonclient.utils import InferenceServerException
+from errors import error_of  # tests/triton/errors.py, beside this script
 
 REAL = "tiny"
 
@@ -23,14 +23,6 @@ def x_input(x: np.ndarray, binary: bool) -> th.InferInput:
     i = th.InferInput("x", list(x.shape), "FP32")
     i.set_data_from_numpy(x, binary_data=binary)
     return i
-
-
-def error_of(fn: Any) -> dict[str, Any]:
-    try:
-        fn()
-    except InferenceServerException as exc:
-        return {"status": exc.status(), "message": exc.message()}
-    return {"status": None, "message": None}
 
 
 def main() -> int:
