@@ -422,7 +422,8 @@ class Engine:
             if not len(rows):
                 continue
             whole = len(rows) == len(keys)
-            f = frame if lm is default else self._frame(lm, source)
+            # Decoded again only for a version whose inputs differ from the default's.
+            f = frame if _same_inputs(lm, default) else self._frame(lm, source)
             sub = f if whole else F.take(f, rows)
             if lm.retired_at is not None:
                 sk = keys if whole else [keys[i] for i in rows.tolist()]
@@ -770,6 +771,12 @@ class Engine:
             logger.warning(
                 "%s: session cap reached; %d sessions not restored", path, len(snap.keys) - n
             )
+
+
+def _same_inputs(a: LoadedModel, b: LoadedModel) -> bool:
+    """Whether a frame decoded and checked for b's model is one for a's too."""
+    ma, mb = a.mv.manifest, b.mv.manifest
+    return (ma.kind, ma.input_dim, ma.output_dim) == (mb.kind, mb.input_dim, mb.output_dim)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
