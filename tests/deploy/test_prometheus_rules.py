@@ -92,6 +92,7 @@ def test_rules_are_well_formed() -> None:
         "LstmServeAbsent",
         "LstmServeStoreErrors",
         "LstmServeFencedWrites",
+        "LstmServeModelLoadFailed",
     } <= set(names)
     for r in alerts:
         assert r["labels"]["severity"] in {"critical", "warning"}, r["alert"]

@@ -27,6 +27,7 @@ class Settings:
     max_sessions: int = 64
     cap_policy: CapPolicy = CapPolicy.refuse
     session_ttl_s: float = 3600.0
+    unload_drain_s: float = 300.0
     reap_interval_s: float = 3600.0
     replay_cache_bytes: int = 1 << 20
     max_forecast_horizon: int = 64

@@ -13,12 +13,14 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lstm_serve.cli.main import build_parser
+from lstm_serve.core.policy import POLICY_FILE, read_policy
 from lstm_serve.server.settings import Settings
 from tests.helpers.server import ServerThread, serve
 
@@ -34,7 +36,7 @@ def doc_commands() -> list[tuple[str, str]]:
     for path in DOCS:
         for block in re.findall(r"```sh\n(.*?)```", path.read_text(), re.S):
             for line in block.replace("\\\n", " ").splitlines():
-                cmd = re.sub(r"\s+#.*$", "", line).strip()
+                cmd = re.sub(r"(^|\s+)#.*$", "", line).strip()
                 if cmd:
                     out.append((path.name, cmd))
     return out
@@ -92,6 +94,15 @@ def _check(cmd: str, server: ServerThread) -> None:
         from lstm_serve.bench.oip import build_parser as oip_parser
 
         oip_parser().parse_args(words[3:])
+        return
+    if words[0] == "printf" and cmd.rstrip().endswith("/serving.toml"):
+        # A model's serving.toml written by the docs: what it writes must be a valid one.
+        text = subprocess.run(
+            cmd.split(">")[0], shell=True, capture_output=True, text=True, check=True
+        ).stdout
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / POLICY_FILE).write_text(text)
+            read_policy(Path(d))
         return
     if words[0] == "make":
         r = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True)

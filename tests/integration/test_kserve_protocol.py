@@ -168,9 +168,7 @@ def test_stream_refuses_a_bad_message_and_goes_on(
 
 
 def test_unimplemented_rpcs_say_so(stub: ipb_grpc.GRPCInferenceServiceStub) -> None:
-    assert code_of(lambda: stub.ModelStatistics(ipb.ModelStatisticsRequest(name="tiny"))) == (
-        grpc.StatusCode.UNIMPLEMENTED
-    )
+    # ModelStatistics is served: tests/integration/test_statistics.py.
     assert code_of(lambda: stub.TraceSetting(ipb.TraceSettingRequest())) == (
         grpc.StatusCode.UNIMPLEMENTED
     )

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from lstm_serve.client import Client, Connection
+from lstm_serve.client import Client, Connection, session_steps, step_request
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
 from tests.helpers.models import add_version
@@ -80,10 +80,22 @@ def test_load_and_unload_while_streams_go_on(explicit: ServerThread, tiny_repo_c
         load(srv, "tiny", "2")
         assert index(srv)[("tiny", "2")] == "READY"
         assert c.get_model("tiny").version == "2"
-        out = c.predict("tiny", "old", x[3:6])  # names no version: stays on 1
-        np.testing.assert_allclose(out.y, v1.run(x)[0][3:6], atol=ATOL)
+        out = c.predict("tiny", "old", x[3:5])  # names no version: stays on 1
+        np.testing.assert_allclose(out.y, v1.run(x)[0][3:5], atol=ATOL)
+        assert out.version == "1"  # the answer names the version that ran it
         out = c.predict("tiny", "new", x[:2])
         np.testing.assert_allclose(out.y, v2.run(x[:2])[0], atol=ATOL)
+        assert out.version == "2"
+        # a frame and a per-session request over both versions: each session's version named
+        fr = c.step_frame("tiny", ["new", "old"], np.stack([x[2:3], x[5:6]]))
+        assert fr.versions == ["2", "1"]
+        np.testing.assert_allclose(fr.y[0], v2.run(x[:3])[0][2:], atol=ATOL)
+        np.testing.assert_allclose(fr.y[1], v1.run(x)[0][5:6], atol=ATOL)
+        both = c.step(
+            step_request("tiny", [session_steps("new", x[3:4]), session_steps("z", x[:1])])
+        )
+        assert [(r.session_id, r.version) for r in both] == [("new", "2"), ("z", "2")]
+        np.testing.assert_allclose(both[0].y, v2.run(x[:4])[0][3:], atol=ATOL)
         unload(srv, "tiny", "1")
         assert index(srv)[("tiny", "1")] == "UNLOADING"
         out = c.predict("tiny", "old", x[6:])  # goes on during the drain

@@ -4,7 +4,9 @@ venv), as an operator's script would:
     python repository.py TARGET STEP
 
 STEP index: print the repository index as JSON. STEP load:MODEL / unload:MODEL: load or
-unload every version of MODEL, then print the index; an error prints {"error": status}.
+unload every version of MODEL, then print the index. STEP stats, stats:MODEL or
+stats:MODEL:VERSION: print {"stats": ...}, the statistics extension's answer
+(`get_inference_statistics`) as tritonclient gives it in JSON. An error prints {"error": status}.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ def main() -> None:
     target, step = sys.argv[1], sys.argv[2]
     c = tc.InferenceServerClient(target)
     try:
+        if step == "stats" or step.startswith("stats:"):
+            _, name, version = [*step.split(":", 2), "", ""][:3]
+            stats = c.get_inference_statistics(name, version, as_json=True)
+            print(json.dumps({"stats": stats}))
+            return
         if step.startswith("load:"):
             c.load_model(step.split(":", 1)[1])
         elif step.startswith("unload:"):

@@ -116,6 +116,7 @@ class StepResult:
     y: np.ndarray  # [steps, output_dim]; empty when top_k was asked for
     top_k: list[list[tuple[int, float]]]  # token models with top_k > 0: (token, prob) per step
     replayed: bool  # a retry answered from the replay cache, not applied again
+    version: str = ""  # the model version that ran it (the session's own)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ def step_results(resp: pb.StepResponse, output_dim: int | None = None) -> list[S
         y = np.frombuffer(s.y, F32)
         y = y.reshape(s.steps, -1) if s.steps and y.size else y.reshape(s.steps, 0)
         top = [list(zip(t.tokens, t.probs, strict=True)) for t in s.top_k]
-        out.append(StepResult(s.session_id, s.seq, s.next_seq, y, top, s.replayed))
+        version = s.version or resp.model.version
+        out.append(StepResult(s.session_id, s.seq, s.next_seq, y, top, s.replayed, version))
     return out
 
 
@@ -188,6 +190,7 @@ class FrameResult:
     y: np.ndarray  # float32 [sessions, steps, output_dim]; empty when top_k was asked for
     top_k_tokens: np.ndarray  # int32 [sessions, steps, k] (token models with top_k > 0)
     top_k_probs: np.ndarray  # float32 [sessions, steps, k]
+    versions: list[str]  # per session: the model version that ran it (the session's own)
 
 
 def frame_request(
@@ -233,6 +236,7 @@ def frame_result(req: pb.StepRequest, resp: pb.StepResponse) -> FrameResult:
         y.reshape(n, t, -1) if y.size else y.reshape(n, t, 0),
         np.asarray(fo.top_k_tokens, np.int32).reshape(n, t, k),
         np.asarray(fo.top_k_probs, np.float32).reshape(n, t, k),
+        list(fo.versions) if fo.versions else [resp.model.version] * n,
     )
 
 

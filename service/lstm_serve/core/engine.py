@@ -27,6 +27,13 @@ from lstm_serve.core.errors import (
     Unavailable,
 )
 from lstm_serve.core.jobs import Limits, SessionStatus, StepResult
+from lstm_serve.core.policy import (
+    POLICY_FILE,
+    PolicyError,
+    Serving,
+    policy_mtime,
+    read_policy,
+)
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.remote import StoreDown
 from lstm_serve.core.replay import ReplayCache
@@ -86,6 +93,8 @@ class EngineSettings(Protocol):
     @property
     def session_ttl_s(self) -> float: ...
     @property
+    def unload_drain_s(self) -> float: ...
+    @property
     def reap_interval_s(self) -> float: ...
     @property
     def replay_cache_bytes(self) -> int: ...
@@ -127,6 +136,8 @@ class Engine:
         # poll(): manifests' mtimes of versions refused (retried once changed) and loaded
         self._poll_failed: dict[tuple[str, str], float] = {}
         self._poll_mtime: dict[tuple[str, str], float] = {}
+        # poll(): serving.toml's mtime when it was last found invalid (logged once per change)
+        self._policy_failed: dict[str, float | None] = {}
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_lock = asyncio.Lock()
@@ -135,6 +146,9 @@ class Engine:
         self.on_model_failed: Callable[[str, str], None] | None = None
         # Called after versions were loaded, unloaded or freed (the server's health follows).
         self.on_versions_changed: Callable[[], None] | None = None
+        # Called with (model name, reason) for each version refused at load: its checks or
+        # its warm-up run failed (at start, by poll or on request).
+        self.on_load_failed: Callable[[str, str], None] | None = None
         self._redis: Any = None
         # With a shared store: whether it accepts this replica (set by _share); its on_change
         # is called with the reason while the store refuses this replica, None once it accepts.
@@ -153,11 +167,11 @@ class Engine:
             s.max_batches_in_flight,
         )  # fmt: skip
         self._choice, self._limits = choice, limits
-        for mv in self.repository.all():
+        for mv, serves in self._select_at_start():
+            m = mv.manifest
             try:  # the warm-up run: a graph that passed the checks may still fail to run
                 lm = await self._load_one(mv)
             except Exception as exc:
-                m = mv.manifest
                 logger.exception(
                     "model %s:%s not loaded: its warm-up run failed", m.name, m.version
                 )
@@ -166,12 +180,16 @@ class Engine:
                         mv.onnx_path, "warm-up", f"the warm-up run failed ({type(exc).__name__})"
                     )
                 )
-                versions = self.repository.models.get(m.name, {})
-                versions.pop(m.version, None)
-                if not versions:
-                    self.repository.models.pop(m.name, None)
+                self._load_failed(m.name, "warm-up run failed")
                 continue
             self.versions.add(lm)
+            if not serves:
+                self.versions.retire(lm, s.unload_drain_s)
+                logger.info(
+                    "model %s: not in its version policy, loaded only for the %d sessions its "
+                    "snapshot holds; they may go on for %.0fs", lm.label, len(lm.store),
+                    s.unload_drain_s,
+                )  # fmt: skip
         if not self.versions.loaded:
             raise RuntimeError("no model version could be loaded: every warm-up run failed")
         self._tasks.append(asyncio.create_task(self._reap_forever()))
@@ -179,6 +197,35 @@ class Engine:
         if s.snapshot_dir is not None and s.snapshot_interval_s > 0 and not shared:
             self._tasks.append(asyncio.create_task(self._snapshot_forever()))
         self._accepting = True
+
+    def _select_at_start(self) -> list[tuple[ModelVersion, bool]]:
+        """The versions to load at start, and whether each serves new sessions: those each
+        model's serving.toml selects, and (not serving) others whose snapshot holds sessions,
+        so that a restart keeps every session on its version. A model whose serving.toml is
+        invalid is not loaded."""
+        root = self.repository.root
+        out: list[tuple[ModelVersion, bool]] = []
+        for name in sorted(self.repository.models):
+            found = self.repository.models.pop(name)  # versions.add puts back what loads
+            try:
+                serving = read_policy(root / name)
+                selected = serving.version_policy.select(list(found))
+                problems = serving.check(selected)
+                if problems:
+                    raise PolicyError(f"{root / name / POLICY_FILE}: " + "; ".join(problems))
+            except PolicyError as exc:
+                logger.error("model %s not loaded: %s", name, exc)
+                self.repository.errors.append(LoadError(root / name, POLICY_FILE, str(exc)))
+                self._load_failed(name, str(exc))
+                continue
+            self.versions.set_policy(name, serving)
+            for v in sorted(found, key=int):
+                path = self._snapshot_path(found[v].manifest)
+                if v in selected:
+                    out.append((found[v], True))
+                elif self.settings.state_store == "memory" and path is not None and path.exists():
+                    out.append((found[v], False))
+        return out
 
     async def _load_one(self, mv: ModelVersion) -> LoadedModel:
         """A version's runtime (warmed up), store and scheduler; its sessions restored."""
@@ -194,6 +241,7 @@ class Engine:
         sched = Scheduler(
             runtime, store, ReplayCache(s.replay_cache_bytes), probes, self._limits, label
         )
+        sched.version = m.version
         lm = LoadedModel(mv, sched, label)
         sched.on_broken = lambda reason, name=m.name: self._model_failed(name, reason)
         if s.state_store == "memory":
@@ -207,6 +255,10 @@ class Engine:
             label, m.kind.value, m.layers, m.hidden_size, runtime.device, len(store),
         )  # fmt: skip
         return lm
+
+    def _load_failed(self, name: str, reason: str) -> None:
+        if self.on_load_failed is not None:
+            self.on_load_failed(name, reason)
 
     def _model_failed(self, name: str, reason: str) -> None:
         if self.on_model_failed is not None:
@@ -398,10 +450,7 @@ class Engine:
         return next(p for p, rows in parts if len(rows))
 
     def _default_version(self, name: str) -> str:
-        try:
-            return self.versions.get(name).version
-        except NotFound:
-            return ""
+        return self.versions.default_version(name)
 
     def _submit_routed(
         self,
@@ -429,13 +478,17 @@ class Engine:
                 sk = keys if whole else [keys[i] for i in rows.tolist()]
                 check_retired(lm, dv, lm.store.lookup(sk) >= 0, sub.reset)
             subs.append((lm, rows, sub))
-        # A reset starts its session on the default version: drop its copy elsewhere.
+        # A reset starts its session on the version chosen for it: drop its copy elsewhere.
         if frame.reset.any():
-            for i in np.flatnonzero(frame.reset).tolist():
-                for other in self.versions.others(default.mv.manifest.name):
-                    if other.store.slot(keys[i]) is not None:
-                        op = other.scheduler.submit_op("end", frame.ids[i], keys[i], "EndSession")
-                        op.add_done_callback(_retrieve)
+            name = default.mv.manifest.name
+            for lm, rows, _ in subs:
+                for i in rows[frame.reset[rows]].tolist():
+                    for other in (default, *self.versions.others(name)):
+                        if other is not lm and other.store.slot(keys[i]) is not None:
+                            op = other.scheduler.submit_op(
+                                "end", frame.ids[i], keys[i], "EndSession"
+                            )
+                            op.add_done_callback(_retrieve)
         if len(subs) == 1:
             lm, _, sub = subs[0]
             return self._submit(lm, sub, keys if sub is frame else sub.ids, deadline)
@@ -443,7 +496,9 @@ class Engine:
         for lm, rows, sub in subs:
             sk = [keys[i] for i in rows.tolist()]
             futs.append(self._submit(lm, sub, sk, deadline))
-        return asyncio.ensure_future(_merge(frame.ids, [r for _, r, _ in subs], futs))
+        return asyncio.ensure_future(
+            _merge(frame.ids, [(lm.version, r) for lm, r, _ in subs], futs)
+        )
 
     # -- forecast ------------------------------------------------------------------------------
 
@@ -569,49 +624,89 @@ class Engine:
 
     # -- versions: loaded and unloaded while serving ------------------------------------------
 
-    async def load(self, name: str, version: str = "") -> list[str]:
-        """Load a model's versions from the repository directory now (all that are not
-        loaded, or one), each checked as at start before it serves; returns the versions
-        loaded. A version being unloaded is taken back into service. Raises NotFound when
-        there is no such directory, FailedPrecondition naming the reasons when a version is
-        broken (serving goes on untouched)."""
-        root = self.repository.root
-        model_dir = root / name
+    async def load(self, name: str, version: str = "", drain_s: float = 300.0) -> list[str]:
+        """Load one version of a model from the repository directory now, or (version "")
+        apply its serving.toml: load the versions its policy selects, unload (drain_s as
+        unload's) loaded ones it does not, and take its labels. Each version is checked as at
+        start before it serves; a version being unloaded is taken back into service. Returns
+        the versions loaded. Raises NotFound when there is no such directory,
+        FailedPrecondition naming the reasons when a version or serving.toml is broken (the
+        policy is then not applied, and serving goes on untouched)."""
+        model_dir = self.repository.root / name
         if not is_model_name(name) or not model_dir.is_dir():
             raise NotFound(f"model {name[:64]!r} not found in the repository")
         if version:
-            dirs = [model_dir / version]
-            if not is_version(version) or not dirs[0].is_dir():
+            if not is_version(version) or not (model_dir / version).is_dir():
                 raise NotFound(f"model {name!r} has no version {version[:64]!r} in the repository")
+            loaded, errors = await self._load_versions(name, [version])
+            serving: Serving | None = None
         else:
-            dirs = version_dirs(model_dir)
-        loaded: list[str] = []
-        errors: list[str] = []
-        for d in dirs:
-            lm = self.versions.loaded.get((name, d.name))
-            if lm is not None:
-                if lm.retired_at is not None:
-                    self.versions.unretire(lm)
-                    loaded.append(d.name)
-                continue
-            mv, errs = await asyncio.to_thread(load_version, d, True)
-            if mv is None:
-                errors += [str(e) for e in errs]
-                continue
-            try:  # the warm-up run: a graph that loads may still fail to run
-                lm = await self._load_one(mv)
-            except Exception as exc:
-                logger.exception("model %s/%s failed its warm-up run", name, d.name)
-                errors.append(f"{d}: the warm-up run failed ({type(exc).__name__})")
-                continue
-            self.versions.add(lm)
-            loaded.append(d.name)
+            try:
+                serving = read_policy(model_dir)
+            except PolicyError as exc:
+                self._load_failed(name, str(exc))
+                raise FailedPrecondition(f"model {name!r} not loaded: {exc}") from None
+            selected = serving.version_policy.select([d.name for d in version_dirs(model_dir)])
+            problems = serving.check(selected)
+            if problems:
+                self._load_failed(name, "; ".join(problems))
+                raise FailedPrecondition(
+                    f"model {name!r} not loaded: {model_dir / POLICY_FILE}: " + "; ".join(problems)
+                )
+            loaded, errors = await self._load_versions(name, selected)
         if loaded:
             self._versions_changed()
         if errors:
             logger.error("model %s: not loaded: %s", name, "; ".join(errors))
             raise FailedPrecondition(f"model {name!r} not loaded: " + "; ".join(errors)[:1000])
+        if serving is not None:
+            self._apply_policy(name, serving, selected, drain_s)
         return loaded
+
+    async def _load_versions(self, name: str, versions: list[str]) -> tuple[list[str], list[str]]:
+        """Load these versions of name (taking back those being unloaded); returns (the
+        versions loaded, the reasons of those refused)."""
+        loaded: list[str] = []
+        errors: list[str] = []
+        for v in versions:
+            lm = self.versions.loaded.get((name, v))
+            if lm is not None:
+                if lm.retired_at is not None:
+                    self.versions.unretire(lm)
+                    loaded.append(v)
+                continue
+            d = self.repository.root / name / v
+            mv, errs = await asyncio.to_thread(load_version, d, True)
+            if mv is None:
+                errors += [str(e) for e in errs]
+                self._load_failed(name, "; ".join(str(e) for e in errs))
+                continue
+            try:  # the warm-up run: a graph that loads may still fail to run
+                lm = await self._load_one(mv)
+            except Exception as exc:
+                logger.exception("model %s/%s failed its warm-up run", name, v)
+                errors.append(f"{d}: the warm-up run failed ({type(exc).__name__})")
+                self._load_failed(name, "warm-up run failed")
+                continue
+            self.versions.add(lm)
+            loaded.append(v)
+        return loaded, errors
+
+    def _apply_policy(
+        self, name: str, serving: Serving, selected: list[str], drain_s: float
+    ) -> None:
+        """Take a model's serving.toml: its labels, and unload the versions it does not
+        select (their sessions drain)."""
+        if serving != self.versions.policy(name):
+            self.versions.set_policy(name, serving)
+            logger.info("model %s: serving.toml applied: %s", name, serving.model_dump())
+            self._versions_changed()
+        dropped = [
+            v for (n, v), lm in self.versions.loaded.items()
+            if n == name and lm.retired_at is None and v not in selected
+        ]  # fmt: skip
+        for v in dropped:
+            self.unload(name, v, drain_s)
 
     def unload(self, name: str, version: str = "", drain_s: float = 300.0) -> list[str]:
         """Stop a model's versions (all, or one) from starting sessions; their sessions go on
@@ -638,43 +733,86 @@ class Engine:
         return [lm.version for lm in lms]
 
     async def poll(self, drain_s: float = 300.0) -> tuple[list[str], list[str]]:
-        """One look at the repository directory: versions not loaded are loaded, loaded ones
-        whose directory is gone are unloaded (drain_s as unload's). A version that fails its
-        checks is logged once per change of its manifest, not on every poll. A loaded version
-        whose files changed stays as it was loaded: versions are immutable, add a new one.
-        Returns (labels loaded, labels unloaded)."""
-        found: dict[tuple[str, str], float] = {}
+        """One look at the repository directory: per model, the versions its serving.toml
+        selects (every version without one) among those present are loaded, loaded ones it
+        does not select (or whose directory is gone) are unloaded (drain_s as unload's), and
+        its labels are taken. A version that fails its checks is logged once per change of
+        its manifest, not on every poll, and left out of the selection (the policy picks among
+        the others); an invalid serving.toml is logged once per change and the last valid one
+        stays. A loaded version whose files changed stays as it was loaded: versions are
+        immutable, add a new one. Returns (labels loaded, labels unloaded)."""
+        loaded: list[str] = []
+        before = {lm.label for lm in self.versions.loaded.values() if lm.retired_at is None}
+        names: set[str] = set()
         for model_dir in model_dirs(self.repository.root):
+            name = model_dir.name
+            if not is_model_name(name):
+                continue
+            names.add(name)
+            found: dict[str, float] = {}
             for d in version_dirs(model_dir):
                 with contextlib.suppress(OSError):  # no manifest (yet): not a version
-                    found[(model_dir.name, d.name)] = (d / "manifest.json").stat().st_mtime
-        loaded: list[str] = []
-        for key, mtime in sorted(found.items()):
-            lm = self.versions.loaded.get(key)
-            if lm is not None and lm.retired_at is None:
-                if self._changed_on_disk(lm, mtime):
+                    found[d.name] = (d / "manifest.json").stat().st_mtime
+            serving = self._poll_policy(model_dir)
+            for v, mtime in found.items():
+                lm = self.versions.loaded.get((name, v))
+                if lm is not None and lm.retired_at is None and self._changed_on_disk(lm, mtime):
                     logger.warning(
                         "model %s changed on disk while loaded; it serves as loaded (versions "
                         "are immutable: add a new version)", lm.label,
                     )  # fmt: skip
-                continue
-            if lm is None and self._poll_failed.get(key) == mtime:
-                continue  # refused before, and not changed since
-            try:
-                for v in await self.load(*key):
-                    loaded.append(f"{key[0]}:{v}")
-                self._poll_failed.pop(key, None)
-            except ServiceError:
-                self._poll_failed[key] = mtime
-        unloaded = [
-            lm.label
-            for key, lm in list(self.versions.loaded.items())
-            if key not in found and lm.retired_at is None
-        ]
-        for label in unloaded:
-            name, version = label.split(":", 1)
-            self.unload(name, version, drain_s)
-        return loaded, unloaded
+            while True:  # a version refused drops out, and the policy picks among the rest
+                usable = [v for v, t in found.items() if self._poll_failed.get((name, v)) != t]
+                selected = serving.version_policy.select(usable)
+                missing = [
+                    v for v in selected
+                    if (lm := self.versions.loaded.get((name, v))) is None or lm.retired_at
+                ]  # fmt: skip
+                if not missing:
+                    break
+                got, errors = await self._load_versions(name, missing)
+                loaded += [f"{name}:{v}" for v in got]
+                for v in missing:
+                    if v not in got:
+                        self._poll_failed[(name, v)] = found[v]
+                    else:
+                        self._poll_failed.pop((name, v), None)
+                if got:
+                    self._versions_changed()
+                if errors:
+                    logger.error("model %s: not loaded: %s", name, "; ".join(errors))
+            problems = serving.check(selected)
+            if problems:
+                self._policy_refused(model_dir, "; ".join(problems))
+                serving = Serving(
+                    version_policy=serving.version_policy,
+                    labels=self.versions.policy(name).labels,
+                )
+            self._apply_policy(name, serving, selected, drain_s)
+        for (n, v), lm in list(self.versions.loaded.items()):  # whole models removed
+            if n not in names and lm.retired_at is None:
+                self.unload(n, v, drain_s)
+        after = {lm.label for lm in self.versions.loaded.values() if lm.retired_at is None}
+        return loaded, sorted(before - after)
+
+    def _poll_policy(self, model_dir: Path) -> Serving:
+        """A model's serving.toml for poll: the last valid one while it is invalid."""
+        try:
+            serving = read_policy(model_dir)
+        except PolicyError as exc:
+            self._policy_refused(model_dir, str(exc))
+            return self.versions.policy(model_dir.name)
+        self._policy_failed.pop(model_dir.name, None)
+        return serving
+
+    def _policy_refused(self, model_dir: Path, why: str) -> None:
+        mtime = policy_mtime(model_dir)
+        name = model_dir.name
+        if name in self._policy_failed and self._policy_failed[name] == mtime:
+            return  # logged already, and not changed since
+        self._policy_failed[name] = mtime
+        logger.error("model %s: %s not applied: %s", name, POLICY_FILE, why)
+        self._load_failed(name, why)
 
     def _changed_on_disk(self, lm: LoadedModel, mtime: float) -> bool:
         seen = self._poll_mtime.setdefault(lm.mv.key, mtime)
@@ -694,6 +832,9 @@ class Engine:
             self.versions.drop(lm)
             lm.scheduler.close()
             logger.info("model %s unloaded", lm.label)
+            path = self._snapshot_path(lm.mv.manifest)
+            if path is not None:  # else a restart would bring back sessions that went
+                path.unlink(missing_ok=True)
         if gone:
             self._versions_changed()
         return [lm.label for lm in gone]
@@ -726,9 +867,8 @@ class Engine:
             except Exception:
                 logger.exception("periodic snapshot failed")
 
-    def _snapshot_path(self, lm: LoadedModel) -> Path | None:
+    def _snapshot_path(self, m: Manifest) -> Path | None:
         d = self.settings.snapshot_dir
-        m = lm.mv.manifest
         return None if d is None else d / f"{m.name}-{m.version}.npz"
 
     async def snapshot(self) -> int:
@@ -740,11 +880,14 @@ class Engine:
         total = 0
         async with self._snapshot_lock:  # one writer per file: periodic and final never overlap
             for lm in self.models.values():
-                path = self._snapshot_path(lm)
+                path = self._snapshot_path(lm.mv.manifest)
                 assert path is not None
                 # Captured on the loop, between ticks: a consistent copy; written off the loop.
                 snap = lm.store.capture()
                 await asyncio.to_thread(write_snapshot, path, snap, lm.snapshot_meta)
+                if self.models.get(lm.mv.key) is not lm:  # freed while it was written
+                    path.unlink(missing_ok=True)
+                    continue
                 total += len(snap.keys)
                 logger.info(
                     "%s: snapshot of %d sessions written to %s", lm.label, len(snap.keys), path
@@ -753,7 +896,7 @@ class Engine:
 
     def _restore(self, lm: LoadedModel) -> None:
         """Load the model's snapshot into its empty store, at start, before it serves."""
-        path = self._snapshot_path(lm)
+        path = self._snapshot_path(lm.mv.manifest)
         if path is None or not path.exists():
             return
         m = lm.mv.manifest
@@ -785,7 +928,7 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 async def _merge(
-    ids: list[str], rows: list[np.ndarray], futs: list[asyncio.Future[StepResult]]
+    ids: list[str], rows: list[tuple[str, np.ndarray]], futs: list[asyncio.Future[StepResult]]
 ) -> StepResult:
     """One answer from the answers of a request's parts on several versions."""
     results = await asyncio.gather(*futs, return_exceptions=True)
@@ -797,9 +940,11 @@ async def _merge(
     nxt = np.zeros(n, np.int64)
     replayed = np.zeros(n, bool)
     y: list[np.ndarray] = [np.empty(0, np.float32)] * n
-    for part, res in zip(rows, results, strict=True):
+    versions = [""] * n
+    for (version, part), res in zip(rows, results, strict=True):
         assert isinstance(res, StepResult)
         seq[part], nxt[part], replayed[part] = res.seq, res.next_seq, res.replayed
         for j, i in enumerate(part.tolist()):
             y[i] = res.y[j]
-    return StepResult(ids, seq, nxt, replayed, y)
+            versions[i] = version
+    return StepResult(ids, seq, nxt, replayed, y, "", versions)

@@ -42,6 +42,10 @@ class StepResult:
     next_seq: np.ndarray  # int64 [n]
     replayed: np.ndarray  # bool [n]
     y: np.ndarray | list[np.ndarray]  # per session [steps, output_dim]; an ndarray when uniform
+    # The model version that ran the request; "" when its sessions ran on several versions,
+    # then versions names each session's.
+    version: str = ""
+    versions: list[str] | None = None
 
 
 @dataclass(slots=True)

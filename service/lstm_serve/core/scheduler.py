@@ -74,6 +74,7 @@ class Scheduler:
         self.probes = probes
         self.limits = limits
         self.label = label
+        self.version = ""  # the model version this scheduler runs, named in its answers
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}")
         self._own_executor = executor is None
         self.pending: deque[Job] = deque()
@@ -387,7 +388,7 @@ class Scheduler:
         store.record(self.replay, slots, y, seqs, frame.reset, nxt, digests)
         store.touch(job.keys, slots, now)
         if not job.future.done():
-            job.future.set_result(StepResult(frame.ids, seqs, nxt, NOT_REPLAYED1, y))
+            job.future.set_result(StepResult(frame.ids, seqs, nxt, NOT_REPLAYED1, y, self.version))
         self.probes.step_latency.observe(time.perf_counter() - job.t0)
         self._count(job.method, "OK")
         return True
@@ -420,6 +421,7 @@ class Scheduler:
             t_end = time.perf_counter()
             for job, result in out.answered:
                 if not job.future.done():
+                    result.version = self.version
                     job.future.set_result(result)
             n = len(out.answered)
             t0s = np.fromiter((job.t0 for job, _ in out.answered), np.float64, n)

@@ -4,8 +4,10 @@ that names no version goes.
 A session belongs to the version it started on. A request that names no version continues
 each of its sessions on the version that holds it (the default version first, then the others
 from newest to oldest); a session no version holds, and every reset, starts on the default
-version: the newest loaded version that is not being unloaded. With one version per model
-(the common case) routing is one dictionary lookup, as before versions could change.
+version: the one labelled stable in the model's serving.toml (policy.py), else the newest
+loaded version that is not being unloaded, except the canary's share of them, which start on
+the version labelled canary. With one version per model (the common case) routing is one
+dictionary lookup, as before versions could change.
 
 An unloaded version is retired: it admits no new sessions at once, its sessions go on until
 they end, reset or idle out, and after its drain deadline every step on it is refused with
@@ -22,6 +24,7 @@ from enum import StrEnum
 import numpy as np
 
 from lstm_serve.core.errors import FailedPrecondition, NotFound
+from lstm_serve.core.policy import DEFAULT, Serving, canary_rows
 from lstm_serve.core.repository import Kind, ModelVersion, Repository
 from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.store import SessionStore
@@ -79,6 +82,19 @@ class Versions:
         self._resolved: dict[tuple[str, str], LoadedModel] = {}
         # name -> loaded versions other than the default, newest first (empty: one version)
         self._others: dict[str, list[LoadedModel]] = {}
+        # name -> its serving.toml as last applied; name -> (canary version, its share)
+        self.policies: dict[str, Serving] = {}
+        self._canary: dict[str, tuple[LoadedModel, float]] = {}
+
+    def policy(self, name: str) -> Serving:
+        return self.policies.get(name, DEFAULT)
+
+    def set_policy(self, name: str, serving: Serving) -> None:
+        if serving == DEFAULT:
+            self.policies.pop(name, None)
+        else:
+            self.policies[name] = serving
+        self._changed()
 
     def add(self, lm: LoadedModel) -> None:
         m = lm.mv.manifest
@@ -110,6 +126,7 @@ class Versions:
     def _changed(self) -> None:
         self._resolved.clear()
         self._others.clear()
+        self._canary.clear()
         for (name, _), lm in self.loaded.items():
             self._others.setdefault(name, []).append(lm)
         for name, lms in list(self._others.items()):
@@ -117,13 +134,36 @@ class Versions:
             rest = [lm for lm in lms if lm is not default]
             rest.sort(key=lambda lm: int(lm.version), reverse=True)
             self._others[name] = rest
+            labels = self.policy(name).labels
+            canary = self._serving(name, labels.canary)
+            if canary is not None and canary is not default and labels.canary_share > 0:
+                self._canary[name] = (canary, labels.canary_share)
+
+    def _serving(self, name: str, version: int | None) -> LoadedModel | None:
+        """The loaded version of that number, if it takes new sessions."""
+        if version is None:
+            return None
+        lm = self.loaded.get((name, str(version)))
+        return lm if lm is not None and lm.retired_at is None else None
 
     def _default(self, name: str) -> LoadedModel | None:
+        stable = self._serving(name, self.policy(name).labels.stable)
+        if stable is not None:
+            return stable
         try:
             mv = self.repository.get(name, "")
         except NotFound:
             return None
         return self.loaded.get(mv.key)
+
+    def default_version(self, name: str) -> str:
+        """The version new sessions of name go to ("" when none takes them)."""
+        lm = self._default(name)
+        return "" if lm is None else lm.version
+
+    def canary(self, name: str) -> tuple[LoadedModel, float] | None:
+        """The version labelled canary and its share of new sessions, while it serves."""
+        return self._canary.get(name)
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """A loaded version (retired ones included), or the default version of name."""
@@ -132,6 +172,8 @@ class Versions:
             return lm
         if version and (name, version) in self.loaded:
             lm = self.loaded[(name, version)]
+        elif not version and (found := self._default(name)) is not None:
+            lm = found
         else:
             if not version and name not in self.repository.models and self._retired_only(name):
                 raise NotFound(f"model {name!r} has no version serving new sessions")
@@ -154,11 +196,14 @@ class Versions:
         self, default: LoadedModel, keys: list[str], reset: np.ndarray
     ) -> list[tuple[LoadedModel, np.ndarray]]:
         """Where the rows of a request that names no version go: [(version, rows)], the
-        default's first. A row goes to the default version unless only another one holds its
-        session and the row is no reset."""
-        others = self.others(default.mv.manifest.name)
+        default's first. A row goes to the version that holds its session; a row no version
+        holds, and every reset, to the default version or (its share of session ids) to the
+        canary."""
+        name = default.mv.manifest.name
+        others = self.others(name)
         n = len(keys)
-        todo = ~(default.store.lookup(keys) >= 0) & ~reset
+        on_default = (default.store.lookup(keys) >= 0) & ~reset
+        todo = ~on_default & ~reset
         parts: list[tuple[LoadedModel, np.ndarray]] = []
         for lm in others:
             if not todo.any():
@@ -170,6 +215,17 @@ class Versions:
         taken = np.zeros(n, bool)
         for _, rows in parts:
             taken[rows] = True
+        canary = self._canary.get(name)
+        if canary is not None:
+            fresh = np.flatnonzero(~taken & ~on_default)  # new sessions and resets
+            chosen = fresh[canary_rows(keys, fresh, canary[1])]
+            if len(chosen):
+                taken[chosen] = True
+                merged = [p for p in parts if p[0] is canary[0]]
+                if merged:
+                    parts.remove(merged[0])
+                    chosen = np.sort(np.concatenate([merged[0][1], chosen]))
+                parts.append((canary[0], chosen))
         return [(default, np.flatnonzero(~taken)), *parts]
 
 

@@ -19,7 +19,13 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from lstm_serve.core.engine import Engine
-from lstm_serve.core.repository import load_repository
+from lstm_serve.core.repository import (
+    LoadError,
+    is_model_name,
+    is_version,
+    load_repository,
+    model_dirs,
+)
 from lstm_serve.core.versions import ModelControl
 from lstm_serve.server import kserve_http, reflection
 from lstm_serve.server.interceptors import (
@@ -38,6 +44,7 @@ from lstm_serve.server.pb import lstm_serve_pb2 as pb
 from lstm_serve.server.pb import lstm_serve_pb2_grpc as pb_grpc
 from lstm_serve.server.servicer import LstmServeServicer
 from lstm_serve.server.settings import Settings
+from lstm_serve.server.statistics import Statistics
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +129,16 @@ class LstmServer:
             logger.error("model repository: %s", err)
         if not repo.models:
             raise RuntimeError(f"no loadable model in {s.model_repository}")
+        # Every model directory's series exist from the start, at 0 (see track_models).
+        self.metrics.track_models(
+            d.name for d in model_dirs(s.model_repository) if is_model_name(d.name)
+        )
+        for name in refused_versions(s.model_repository, repo.errors):
+            self.metrics.count_load_failure(name)
         self.engine = Engine(s, repo, self.metrics.probes, self.metrics.count_request)
         self.engine.on_model_failed = self._model_failed
+        # Set before start: the engine reports the versions whose warm-up run fails there.
+        self.engine.on_load_failed = self._load_failed
         interceptors: list[Interceptor] = [StatusInterceptor(self.metrics)]
         tokens = load_tokens(s.auth_tokens_file, s.auth_tokens)
         if tokens or s.tls_client_ca is not None:
@@ -153,8 +168,9 @@ class LstmServer:
             admins=frozenset(n.strip() for n in s.admin_clients.split(",") if n.strip()),
         )  # fmt: skip
         inference = InferenceServicer(
-            self.engine, s.max_inflight_per_stream, s.max_message_bytes, control
-        )
+            self.engine, s.max_inflight_per_stream, s.max_message_bytes, control,
+            Statistics(self.engine, self.metrics),
+        )  # fmt: skip
         ipb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable(
@@ -223,7 +239,8 @@ class LstmServer:
         for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME, *repo.models):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._model_names = set(repo.models)
-        self.engine.on_versions_changed = self._mark_health
+        self._count_versions()
+        self.engine.on_versions_changed = self._versions_changed
         if s.model_control is ModelControl.poll:
             self._poller = asyncio.ensure_future(self._poll_models())
         store = self.engine.store_health
@@ -271,6 +288,24 @@ class LstmServer:
 
         self._background.add(task := asyncio.ensure_future(mark()))
         task.add_done_callback(self._background.discard)
+
+    def _load_failed(self, name: str, reason: str) -> None:
+        # The engine names only model directories of the repository (a load request for any
+        # other name is refused before); checked here too, as each name is a series for good.
+        if is_model_name(name) and (self.settings.model_repository / name).is_dir():
+            self.metrics.count_load_failure(name)
+
+    def _versions_changed(self) -> None:
+        self._count_versions()
+        self._mark_health()
+
+    def _count_versions(self) -> None:
+        """lstm_serve_model_versions as the engine stands; a freed version's series go."""
+        assert self.engine is not None
+        self.metrics.set_versions(
+            (lm.mv.manifest.name, lm.label, lm.retired_at is None)
+            for lm in self.engine.models.values()
+        )
 
     def _store_refused(self, reason: str | None) -> None:
         # A shared store that refuses this replica (its password, its TLS settings) is this
@@ -347,6 +382,21 @@ class LstmServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def refused_versions(root: Path, errors: list[LoadError]) -> list[str]:
+    """The model name of each version that load_repository refused, once per version however
+    many errors it had: the first two path components under root. Errors not about a version
+    of a model directory (the root itself) are left out."""
+    versions: set[tuple[str, str]] = set()
+    for err in errors:
+        try:
+            parts = err.path.relative_to(root).parts
+        except ValueError:
+            continue
+        if len(parts) >= 2 and is_model_name(parts[0]) and is_version(parts[1]):
+            versions.add((parts[0], parts[1]))
+    return [name for name, _ in sorted(versions)]
 
 
 class StartupError(RuntimeError):

@@ -151,8 +151,12 @@ def top_k(probs: np.ndarray, k: int) -> list[pb.TopK]:
 def step_response(
     mv: ModelVersion, r: StepResult, request_id: str, k: int, columnar: bool
 ) -> pb.StepResponse:
-    token = mv.manifest.kind is Kind.token
-    resp = pb.StepResponse(request_id=request_id, model=model_ref(mv))
+    m = mv.manifest
+    token = m.kind is Kind.token
+    resp = pb.StepResponse(request_id=request_id, model=_model_ref(m.name, r.version or m.version))
+    if r.versions is not None:  # sessions on several versions: name each one's
+        _per_version(resp, r, token, k, columnar)
+        return resp
     if columnar:
         y = r.y
         assert isinstance(y, np.ndarray)
@@ -186,6 +190,38 @@ def step_response(
         else:
             o.y = yi.astype(F32, copy=False).tobytes()
     return resp
+
+
+def _per_version(resp: pb.StepResponse, r: StepResult, token: bool, k: int, columnar: bool) -> None:
+    """The answer to a request whose sessions ran on several versions (their output shapes
+    may differ, so each session's y is encoded on its own)."""
+    assert r.versions is not None
+    if columnar:
+        out = resp.frame
+        out.steps = r.y[0].shape[0] if len(r.y) else 0
+        out.seqs.extend(r.seq.tolist())
+        out.next_seqs.extend(r.next_seq.tolist())
+        out.replayed.extend(r.replayed.tolist())
+        out.versions.extend(r.versions)
+        if token and k > 0:
+            for yi in r.y:
+                idx, part = _top_k(np.asarray(yi)[None], k)
+                out.top_k_tokens.extend(idx.ravel().tolist())
+                out.top_k_probs.extend(part.ravel().tolist())
+        else:
+            out.y = b"".join(np.asarray(yi).astype(F32, copy=False).tobytes() for yi in r.y)
+        return
+    seq, nxt, rep = r.seq.tolist(), r.next_seq.tolist(), r.replayed.tolist()
+    for i, sid in enumerate(r.ids):
+        yi = r.y[i]
+        o = resp.sessions.add(
+            session_id=sid, seq=seq[i], next_seq=nxt[i], steps=yi.shape[0], replayed=rep[i],
+            version=r.versions[i],
+        )  # fmt: skip
+        if token and k > 0:
+            o.top_k.extend(top_k(yi, k))
+        else:
+            o.y = yi.astype(F32, copy=False).tobytes()
 
 
 def forecast_response(mv: ModelVersion, r: ForecastResult) -> pb.ForecastResponse:

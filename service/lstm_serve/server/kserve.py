@@ -1,7 +1,7 @@
 """The Open Inference Protocol servicer (`inference.GRPCInferenceService`, KServe v2 with Triton's
 sequence extension): a translator onto the same engine as lstm_serve.v1. It decodes into a
-frame, makes one engine call, encodes. The repository calls go to server/model_control.py.
-RPCs not listed here answer UNIMPLEMENTED."""
+frame, makes one engine call, encodes. The repository calls go to server/model_control.py,
+ModelStatistics to server/statistics.py. RPCs not listed here answer UNIMPLEMENTED."""
 
 from __future__ import annotations
 
@@ -22,12 +22,15 @@ from lstm_serve.server.limits import answer_limit, check_answer
 from lstm_serve.server.model_control import ModelControlCalls
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
+from lstm_serve.server.statistics import ModelStats, Statistics
 from lstm_serve.server.streams import Context, deadline_of, pipeline
 
 logger = logging.getLogger(__name__)
 
 # What this server implements of Triton's extensions (reported by ServerMetadata).
-EXTENSIONS = ["classification", "sequence", "model_configuration", "model_repository"]
+EXTENSIONS = [
+    "classification", "sequence", "model_configuration", "model_repository", "statistics",
+]  # fmt: skip
 
 Pending = tuple[ModelVersion, K.Decoded, "asyncio.Future[StepResult]"]
 # How a failure is told to the client: (error, model name, version) -> the error it gets.
@@ -62,11 +65,13 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         max_inflight_per_stream: int,
         max_message_bytes: int,
         control: ModelControlCalls | None = None,
+        statistics: Statistics | None = None,
     ) -> None:
         self.engine = engine
         self.window = max_inflight_per_stream
         self.max_message_bytes = max_message_bytes
         self.control = control
+        self.statistics = statistics  # None: the server keeps no metrics
 
     # -- health and metadata ---------------------------------------------------------------------
 
@@ -115,6 +120,19 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         return ipb.ModelConfigResponse(
             config=K.model_config(mv, s.max_sessions_per_request, s.session_ttl_s)
         )
+
+    # -- statistics (read-only, not an admin call) -------------------------------------------
+
+    def stats(self, name: str, version: str) -> list[ModelStats]:
+        """The figures ModelStatistics and the HTTP/REST form's stats encode."""
+        if self.statistics is None:
+            raise FailedPrecondition("statistics are not kept here: the engine reports no metrics")
+        return self.statistics.of(name, version)
+
+    async def ModelStatistics(
+        self, request: ipb.ModelStatisticsRequest, context: Context
+    ) -> ipb.ModelStatisticsResponse:
+        return K.model_statistics(self.stats(request.name, request.version))
 
     # -- the model repository (admin calls) ----------------------------------------------------
 

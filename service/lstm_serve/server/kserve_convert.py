@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from lstm_serve.core.repository import Kind, Manifest, ModelVersion
 from lstm_serve.server.convert import F32, SEQ_LIMIT
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import model_config_pb2 as mc
+from lstm_serve.server.statistics import ModelStats
 
 # The request parameter that carries lstm-serve's seq (exactly-once retries); the response
 # parameters that answer it.
@@ -248,7 +249,9 @@ def encode(
     mv: ModelVersion, req: ipb.ModelInferRequest, d: Decoded, r: StepResult
 ) -> ipb.ModelInferResponse:
     m = mv.manifest
-    resp = ipb.ModelInferResponse(model_name=m.name, model_version=m.version, id=req.id)
+    # The version that ran: a sequence naming no version goes on on its own.
+    version = r.version or (r.versions or [m.version])[0]
+    resp = ipb.ModelInferResponse(model_name=m.name, model_version=version, id=req.id)
     y = r.y if isinstance(r.y, np.ndarray) else np.stack(r.y)
     y = y if d.batched else y[0]
     for o in d.outputs:
@@ -339,3 +342,12 @@ def model_config(mv: ModelVersion, max_batch: int, idle_s: float) -> mc.ModelCon
             max_sequence_idle_microseconds=int(idle_s * 1e6), control_input=controls
         ),
     )  # fmt: skip
+
+
+def model_statistics(stats: list[ModelStats]) -> ipb.ModelStatisticsResponse:
+    """The statistics extension's answer. ModelStats' fields are named as the message's
+    (statistics.py), so the figures map one to one; batch_stats, memory_usage and
+    response_stats stay empty (docs/protocol.md, "Statistics")."""
+    return ipb.ModelStatisticsResponse(
+        model_stats=[ipb.ModelStatistics(**asdict(s)) for s in stats]
+    )

@@ -9,6 +9,7 @@ plain request -> reply logic; `HttpServer` serves it with aiohttp on the gRPC se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from lstm_serve.server.interceptors import Authenticator
 from lstm_serve.server.kserve import EXTENSIONS, InferenceServicer, _version
 from lstm_serve.server.limits import MAX_RESPONSE_KEY, answer_limit
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
+from lstm_serve.server.statistics import ModelStats
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +64,12 @@ STATUS = {
 }
 
 _MODEL = re.compile(
-    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<op>/ready|/infer|/config)?$"
+    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+    r"(?P<op>/ready|/infer|/config|/stats)?$"
 )
+# The statistics extension: every loaded version of every model (as Triton, this path is not
+# the metadata of a model named "stats").
+ALL_STATS = "/v2/models/stats"
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +298,12 @@ def infer_reply(
     return Reply(200, head + b"".join(blobs), OCTETS, ((HEADER_LENGTH, str(len(head))),))
 
 
+def stats_reply(stats: list[ModelStats]) -> Reply:
+    """Triton's JSON for the statistics extension: the gRPC form's fields, with numbers as JSON
+    numbers (MessageToDict would write uint64 as strings) and no batch statistics."""
+    return _json({"model_stats": [dataclasses.asdict(s) | {"batch_stats": []} for s in stats]})
+
+
 # -- routing -----------------------------------------------------------------------------------
 
 
@@ -343,12 +355,16 @@ class HttpFront:
         )
         if path == "/v2":
             return _json({"name": "lstm-serve", "version": _version(), "extensions": HTTP_EXTENSIONS})  # fmt: skip
+        if path == ALL_STATS:
+            return stats_reply(self.servicer.stats("", ""))
         m = _MODEL.match(path)
         if m is None:
             return error_reply(404, f"no such endpoint: {path}")
         name, version, op = m["name"], m["version"] or "", m["op"]
         if op == "/ready":
             return _health(not self.draining and self.engine.model_ready(name, version))
+        if op == "/stats":
+            return stats_reply(self.servicer.stats(name, version))
         if op == "/infer":
             req, binary, default_binary = infer_request(
                 name, version, body, headers.get(HEADER_LENGTH)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 from lstm_serve import __version__
 from lstm_serve.core.probes import Incrementer, ManyObserver, Probes
@@ -19,6 +24,9 @@ LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# lstm_serve_model_versions' states: serving takes new sessions; draining was unloaded (or is
+# loaded only for the sessions a snapshot holds) and keeps its sessions until they are gone.
+VERSION_STATES = ("serving", "draining")
 
 
 class ManyHistogram:
@@ -81,46 +89,121 @@ class Metrics:
     grpc_handling: Histogram
     grpc_msg_received: Counter
     grpc_msg_sent: Counter
+    model_versions: Gauge
+    load_failures: Counter
     _children: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False)
+    # model label -> time.time() of its last Step request (ModelStatistics' last_inference)
+    last_step: dict[str, float] = field(default_factory=dict, compare=False)
+    # model label ("name:version") -> (metric, label values) of every child made for it, so
+    # that a freed version's series can be removed: exactly those, whatever probes() grows.
+    _series: dict[str, list[tuple[MetricWrapperBase, tuple[str, ...]]]] = field(
+        default_factory=dict, compare=False
+    )
+    # Model names (not versions) with series in model_versions and load_failures; and the
+    # labels of the versions loaded at the last set_versions().
+    _models: set[str] = field(default_factory=set, compare=False)
+    _loaded: set[str] = field(default_factory=set, compare=False)
 
     def count_request(self, label: str, method: str, code: str) -> None:
         self._request(label, method, code).inc()
 
     def _request(self, label: str, method: str, code: str) -> Incrementer:
+        if method == "Step":  # every Step request is counted through here, once per tick
+            self.last_step[label] = time.time()
         # labels() costs a lock and a tuple per call: keep the children, one per series.
         key = (label, method, code)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.requests.labels(label, method, code)
+            child = self._children[key] = self._child(self.requests, label, method, code)
         return child  # type: ignore[no-any-return]
 
     def _many(self, histogram: Histogram, label: str) -> ManyObserver:
         key = (histogram, label)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = ManyHistogram(histogram.labels(label))
+            child = self._children[key] = ManyHistogram(self._child(histogram, label))
         return child  # type: ignore[no-any-return]
+
+    def _child(self, metric: MetricWrapperBase, label: str, *rest: str) -> Any:
+        """metric's child for a model label (its first label value), remembered under it."""
+        self._series.setdefault(label, []).append((metric, (label, *rest)))
+        return metric.labels(label, *rest)
 
     def probes(self, label: str) -> Probes:
         """The children of one model's series, for its scheduler."""
+        c = self._child
         return Probes(
             step_latency=self._many(self.step_latency, label),
             queue_seconds=self._many(self.queue_seconds, label),
-            inference_seconds=self.inference_seconds.labels(label),
-            batch_size=self.batch_size.labels(label),
-            steps=self.steps.labels(label),
-            sessions=self.sessions.labels(label),
-            capacity=self.sessions_capacity.labels(label),
-            evicted_lru=self.sessions_evicted.labels(label, "lru"),
-            evicted_ttl=self.sessions_evicted.labels(label, "ttl"),
-            worker_failures=self.worker_failures.labels(label),
+            inference_seconds=c(self.inference_seconds, label),
+            batch_size=c(self.batch_size, label),
+            steps=c(self.steps, label),
+            sessions=c(self.sessions, label),
+            capacity=c(self.sessions_capacity, label),
+            evicted_lru=c(self.sessions_evicted, label, "lru"),
+            evicted_ttl=c(self.sessions_evicted, label, "ttl"),
+            worker_failures=c(self.worker_failures, label),
             requests=lambda method, code: self._request(label, method, code),
-            store_claim_seconds=self.store_seconds.labels(label, "claim"),
-            store_write_seconds=self.store_seconds.labels(label, "write"),
-            store_loaded=self.store_loaded.labels(label),
-            store_fenced=self.store_fenced.labels(label),
-            store_errors=self.store_errors.labels(label),
+            store_claim_seconds=c(self.store_seconds, label, "claim"),
+            store_write_seconds=c(self.store_seconds, label, "write"),
+            store_loaded=c(self.store_loaded, label),
+            store_fenced=c(self.store_fenced, label),
+            store_errors=c(self.store_errors, label),
         )
+
+    # -- model versions: loaded, unloaded and freed while serving ------------------------------
+
+    def track_models(self, names: Iterable[str]) -> None:
+        """Give these model names their series at 0: a load failure counter that exists before
+        its first failure is what lets increase() (the alert) see that failure. Names must be
+        the repository's model directories, never a client's text: each is a series for good."""
+        for name in names:
+            if name in self._models:
+                continue
+            self._models.add(name)
+            self.load_failures.labels(name)
+            for state in VERSION_STATES:
+                self.model_versions.labels(name, state).set(0)
+
+    def count_load_failure(self, name: str) -> None:
+        """One version of model name refused at load (its checks or its warm-up run failed), or
+        its serving.toml refused."""
+        self.track_models((name,))
+        self.load_failures.labels(name).inc()
+
+    def set_versions(self, versions: Iterable[tuple[str, str, bool]]) -> None:
+        """The loaded versions as (model name, label "name:version", serving new sessions?).
+        Every tracked model's serving and draining counts are set, 0 for a model none of whose
+        versions is left; the series of versions no longer loaded (freed) are removed."""
+        counts: Tally[tuple[str, str]] = Tally()
+        loaded: set[str] = set()
+        for name, label, serving in versions:
+            counts[(name, VERSION_STATES[0] if serving else VERSION_STATES[1])] += 1
+            loaded.add(label)
+        self.track_models(sorted({name for name, _ in counts}))
+        for name in self._models:
+            for state in VERSION_STATES:
+                self.model_versions.labels(name, state).set(counts[(name, state)])
+        for label in sorted(self._loaded - loaded):
+            self.forget_version(label)
+        self._loaded.clear()
+        self._loaded.update(loaded)
+
+    def forget_version(self, label: str) -> None:
+        """Remove every series of a freed version (label "name:version"), so that dashboards
+        show no version that is gone, frozen at its last values. Its last counts since the
+        previous scrape are lost with them. A version loaded again starts new series (from 0,
+        as after a restart: rate() and increase() take that as a counter reset)."""
+        for metric, values in self._series.pop(label, []):
+            # A child made twice (probes() called again for the label) is listed twice: the
+            # second remove finds it gone.
+            with contextlib.suppress(KeyError):
+                metric.remove(*values)
+        # The cached children would otherwise be reused, detached from the registry.
+        # list(): one atomic copy of the keys, whatever another thread adds meanwhile.
+        for key in [k for k in list(self._children) if label in (k[0], k[-1])]:
+            self._children.pop(key, None)
+        self.last_step.pop(label, None)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -262,6 +345,21 @@ class Metrics:
                 "grpc_server_msg_sent_total",
                 "Stream messages sent by the server.",
                 grpc_labels,
+                registry=r,
+            ),
+            # Per model name, not version: the series stay while versions come and go.
+            model_versions=Gauge(
+                "lstm_serve_model_versions",
+                "Loaded versions of a model by state: serving (takes new sessions) or draining "
+                "(unloaded; its sessions go on until they are gone, then it is freed).",
+                ["model", "state"],
+                registry=r,
+            ),
+            load_failures=Counter(
+                "lstm_serve_model_load_failures_total",
+                "Model versions refused at load (their checks or warm-up run failed), and "
+                "serving.toml files refused: at start, by poll or on a load request.",
+                ["model"],
                 registry=r,
             ),
         )

@@ -64,7 +64,7 @@ class ModelControlCalls:
         self._admit(principal, "loading a model")
         if not name:
             raise InvalidArgument("model_name is empty")
-        return await self.engine.load(name, version)
+        return await self.engine.load(name, version, self.drain_s)
 
     def unload(self, principal: str, name: str, version: str = "") -> list[str]:
         self._admit(principal, "unloading a model")

@@ -48,7 +48,10 @@ class LstmServeServicer(pb_grpc.LstmServeServicer):  # type: ignore[misc]
         )
 
     def _encode(self, req: pb.StepRequest, result: StepResult) -> pb.StepResponse:
-        mv = self.engine.get_model(req.model.name, req.model.version)
+        # The version that ran (it may be other than the default, or unloaded by now).
+        ran = result.version or (result.versions or [""])[0]
+        lm = self.engine.models.get((req.model.name, ran))
+        mv = lm.mv if lm is not None else self.engine.get_model(req.model.name, req.model.version)
         return convert.step_response(mv, result, req.request_id, req.top_k, req.HasField("frame"))
 
     async def Predict(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elstm_serve/v1/lstm_serve.proto\x12\rlstm_serve.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"f\n\x0cSessionSteps\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x03seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\t\n\x01x\x18\x04 \x01(\x0c\x12\x0e\n\x06tokens\x18\x05 \x03(\x05\x42\x06\n\x04_seq\"d\n\x05\x46rame\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12\x0c\n\x04seqs\x18\x02 \x03(\x03\x12\x0e\n\x06resets\x18\x03 \x03(\x08\x12\r\n\x05steps\x18\x04 \x01(\r\x12\t\n\x01x\x18\x05 \x01(\x0c\x12\x0e\n\x06tokens\x18\x06 \x03(\x05\"\xac\x01\n\x0bStepRequest\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12-\n\x08sessions\x18\x03 \x03(\x0b\x32\x1b.lstm_serve.v1.SessionSteps\x12\r\n\x05top_k\x18\x04 \x01(\r\x12#\n\x05\x66rame\x18\x05 \x01(\x0b\x32\x14.lstm_serve.v1.Frame\"%\n\x04TopK\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x92\x01\n\rSessionOutput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08next_seq\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\x12\t\n\x01y\x18\x05 \x01(\x0c\x12\"\n\x05top_k\x18\x06 \x03(\x0b\x32\x13.lstm_serve.v1.TopK\x12\x10\n\x08replayed\x18\x07 \x01(\x08\"\x85\x01\n\x0b\x46rameOutput\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x0c\n\x04seqs\x18\x02 \x03(\x04\x12\x11\n\tnext_seqs\x18\x03 \x03(\x04\x12\x10\n\x08replayed\x18\x04 \x03(\x08\x12\t\n\x01y\x18\x05 \x01(\x0c\x12\x14\n\x0ctop_k_tokens\x18\x06 \x03(\x05\x12\x13\n\x0btop_k_probs\x18\x07 \x03(\x02\"\xa5\x01\n\x0cStepResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12.\n\x08sessions\x18\x03 \x03(\x0b\x32\x1c.lstm_serve.v1.SessionOutput\x12)\n\x05\x66rame\x18\x04 \x01(\x0b\x32\x1a.lstm_serve.v1.FrameOutput\"\xcd\x01\n\x0f\x46orecastRequest\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07horizon\x18\x03 \x01(\r\x12+\n\x06prefix\x18\x04 \x01(\x0b\x32\x1b.lstm_serve.v1.SessionSteps\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x08\"\x8a\x01\n\x10\x46orecastResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\r\x12\t\n\x01y\x18\x04 \x01(\x0c\x12\x0e\n\x06tokens\x18\x05 \x03(\x05\x12\x10\n\x08next_seq\x18\x06 \x01(\x04\"H\n\nSessionRef\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x81\x01\n\x0bSessionInfo\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08next_seq\x18\x03 \x01(\x04\x12\x0e\n\x06\x65xists\x18\x04 \x01(\x08\x12\x14\n\x0cidle_seconds\x18\x05 \x01(\x01\"\x13\n\x11ListModelsRequest\"\xaf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tinput_dim\x18\x04 \x01(\r\x12\x12\n\noutput_dim\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x0e\n\x06layers\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x15\n\rmanifest_json\x18\t \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.lstm_serve.v1.ModelInfo2\xc6\x04\n\tLstmServe\x12\x45\n\x06Stream\x12\x1a.lstm_serve.v1.StepRequest\x1a\x1b.lstm_serve.v1.StepResponse(\x01\x30\x01\x12\x42\n\x07Predict\x12\x1a.lstm_serve.v1.StepRequest\x1a\x1b.lstm_serve.v1.StepResponse\x12K\n\x08\x46orecast\x12\x1e.lstm_serve.v1.ForecastRequest\x1a\x1f.lstm_serve.v1.ForecastResponse\x12\x43\n\nGetSession\x12\x19.lstm_serve.v1.SessionRef\x1a\x1a.lstm_serve.v1.SessionInfo\x12\x45\n\x0cResetSession\x12\x19.lstm_serve.v1.SessionRef\x1a\x1a.lstm_serve.v1.SessionInfo\x12\x43\n\nEndSession\x12\x19.lstm_serve.v1.SessionRef\x1a\x1a.lstm_serve.v1.SessionInfo\x12Q\n\nListModels\x12 .lstm_serve.v1.ListModelsRequest\x1a!.lstm_serve.v1.ListModelsResponse\x12=\n\x08GetModel\x12\x17.lstm_serve.v1.ModelRef\x1a\x18.lstm_serve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elstm_serve/v1/lstm_serve.proto\x12\rlstm_serve.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"f\n\x0cSessionSteps\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x03seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\t\n\x01x\x18\x04 \x01(\x0c\x12\x0e\n\x06tokens\x18\x05 \x03(\x05\x42\x06\n\x04_seq\"d\n\x05\x46rame\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12\x0c\n\x04seqs\x18\x02 \x03(\x03\x12\x0e\n\x06resets\x18\x03 \x03(\x08\x12\r\n\x05steps\x18\x04 \x01(\r\x12\t\n\x01x\x18\x05 \x01(\x0c\x12\x0e\n\x06tokens\x18\x06 \x03(\x05\"\xac\x01\n\x0bStepRequest\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12-\n\x08sessions\x18\x03 \x03(\x0b\x32\x1b.lstm_serve.v1.SessionSteps\x12\r\n\x05top_k\x18\x04 \x01(\r\x12#\n\x05\x66rame\x18\x05 \x01(\x0b\x32\x14.lstm_serve.v1.Frame\"%\n\x04TopK\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xa3\x01\n\rSessionOutput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08next_seq\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\x12\t\n\x01y\x18\x05 \x01(\x0c\x12\"\n\x05top_k\x18\x06 \x03(\x0b\x32\x13.lstm_serve.v1.TopK\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x0f\n\x07version\x18\x08 \x01(\t\"\x97\x01\n\x0b\x46rameOutput\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x0c\n\x04seqs\x18\x02 \x03(\x04\x12\x11\n\tnext_seqs\x18\x03 \x03(\x04\x12\x10\n\x08replayed\x18\x04 \x03(\x08\x12\t\n\x01y\x18\x05 \x01(\x0c\x12\x14\n\x0ctop_k_tokens\x18\x06 \x03(\x05\x12\x13\n\x0btop_k_probs\x18\x07 \x03(\x02\x12\x10\n\x08versions\x18\x08 \x03(\t\"\xa5\x01\n\x0cStepResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12.\n\x08sessions\x18\x03 \x03(\x0b\x32\x1c.lstm_serve.v1.SessionOutput\x12)\n\x05\x66rame\x18\x04 \x01(\x0b\x32\x1a.lstm_serve.v1.FrameOutput\"\xcd\x01\n\x0f\x46orecastRequest\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07horizon\x18\x03 \x01(\r\x12+\n\x06prefix\x18\x04 \x01(\x0b\x32\x1b.lstm_serve.v1.SessionSteps\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x08\"\x8a\x01\n\x10\x46orecastResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\r\x12\t\n\x01y\x18\x04 \x01(\x0c\x12\x0e\n\x06tokens\x18\x05 \x03(\x05\x12\x10\n\x08next_seq\x18\x06 \x01(\x04\"H\n\nSessionRef\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x81\x01\n\x0bSessionInfo\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lstm_serve.v1.ModelRef\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08next_seq\x18\x03 \x01(\x04\x12\x0e\n\x06\x65xists\x18\x04 \x01(\x08\x12\x14\n\x0cidle_seconds\x18\x05 \x01(\x01\"\x13\n\x11ListModelsRequest\"\xaf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tinput_dim\x18\x04 \x01(\r\x12\x12\n\noutput_dim\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x0e\n\x06layers\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x15\n\rmanifest_json\x18\t \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.lstm_serve.v1.ModelInfo2\xc6\x04\n\tLstmServe\x12\x45\n\x06Stream\x12\x1a.lstm_serve.v1.StepRequest\x1a\x1b.lstm_serve.v1.StepResponse(\x01\x30\x01\x12\x42\n\x07Predict\x12\x1a.lstm_serve.v1.StepRequest\x1a\x1b.lstm_serve.v1.StepResponse\x12K\n\x08\x46orecast\x12\x1e.lstm_serve.v1.ForecastRequest\x1a\x1f.lstm_serve.v1.ForecastResponse\x12\x43\n\nGetSession\x12\x19.lstm_serve.v1.SessionRef\x1a\x1a.lstm_serve.v1.SessionInfo\x12\x45\n\x0cResetSession\x12\x19.lstm_serve.v1.SessionRef\x1a\x1a.lstm_serve.v1.SessionInfo\x12\x43\n\nEndSession\x12\x19.lstm_serve.v1.SessionRef\x1a\x1a.lstm_serve.v1.SessionInfo\x12Q\n\nListModels\x12 .lstm_serve.v1.ListModelsRequest\x1a!.lstm_serve.v1.ListModelsResponse\x12=\n\x08GetModel\x12\x17.lstm_serve.v1.ModelRef\x1a\x18.lstm_serve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPK']._serialized_start=473
   _globals['_TOPK']._serialized_end=510
   _globals['_SESSIONOUTPUT']._serialized_start=513
-  _globals['_SESSIONOUTPUT']._serialized_end=659
-  _globals['_FRAMEOUTPUT']._serialized_start=662
-  _globals['_FRAMEOUTPUT']._serialized_end=795
-  _globals['_STEPRESPONSE']._serialized_start=798
-  _globals['_STEPRESPONSE']._serialized_end=963
-  _globals['_FORECASTREQUEST']._serialized_start=966
-  _globals['_FORECASTREQUEST']._serialized_end=1171
-  _globals['_FORECASTRESPONSE']._serialized_start=1174
-  _globals['_FORECASTRESPONSE']._serialized_end=1312
-  _globals['_SESSIONREF']._serialized_start=1314
-  _globals['_SESSIONREF']._serialized_end=1386
-  _globals['_SESSIONINFO']._serialized_start=1389
-  _globals['_SESSIONINFO']._serialized_end=1518
-  _globals['_LISTMODELSREQUEST']._serialized_start=1520
-  _globals['_LISTMODELSREQUEST']._serialized_end=1539
-  _globals['_MODELINFO']._serialized_start=1542
-  _globals['_MODELINFO']._serialized_end=1717
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1719
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1781
-  _globals['_LSTMSERVE']._serialized_start=1784
-  _globals['_LSTMSERVE']._serialized_end=2366
+  _globals['_SESSIONOUTPUT']._serialized_end=676
+  _globals['_FRAMEOUTPUT']._serialized_start=679
+  _globals['_FRAMEOUTPUT']._serialized_end=830
+  _globals['_STEPRESPONSE']._serialized_start=833
+  _globals['_STEPRESPONSE']._serialized_end=998
+  _globals['_FORECASTREQUEST']._serialized_start=1001
+  _globals['_FORECASTREQUEST']._serialized_end=1206
+  _globals['_FORECASTRESPONSE']._serialized_start=1209
+  _globals['_FORECASTRESPONSE']._serialized_end=1347
+  _globals['_SESSIONREF']._serialized_start=1349
+  _globals['_SESSIONREF']._serialized_end=1421
+  _globals['_SESSIONINFO']._serialized_start=1424
+  _globals['_SESSIONINFO']._serialized_end=1553
+  _globals['_LISTMODELSREQUEST']._serialized_start=1555
+  _globals['_LISTMODELSREQUEST']._serialized_end=1574
+  _globals['_MODELINFO']._serialized_start=1577
+  _globals['_MODELINFO']._serialized_end=1752
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1754
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1816
+  _globals['_LSTMSERVE']._serialized_start=1819
+  _globals['_LSTMSERVE']._serialized_end=2401
 # @@protoc_insertion_point(module_scope)

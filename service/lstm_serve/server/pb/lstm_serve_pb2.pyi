@@ -67,7 +67,7 @@ class TopK(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SessionOutput(_message.Message):
-    __slots__ = ("session_id", "seq", "next_seq", "steps", "y", "top_k", "replayed")
+    __slots__ = ("session_id", "seq", "next_seq", "steps", "y", "top_k", "replayed", "version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class SessionOutput(_message.Message):
     Y_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     next_seq: int
@@ -82,10 +83,11 @@ class SessionOutput(_message.Message):
     y: bytes
     top_k: _containers.RepeatedCompositeFieldContainer[TopK]
     replayed: bool
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., next_seq: _Optional[int] = ..., steps: _Optional[int] = ..., y: _Optional[bytes] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    version: str
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., next_seq: _Optional[int] = ..., steps: _Optional[int] = ..., y: _Optional[bytes] = ..., top_k: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., replayed: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
 
 class FrameOutput(_message.Message):
-    __slots__ = ("steps", "seqs", "next_seqs", "replayed", "y", "top_k_tokens", "top_k_probs")
+    __slots__ = ("steps", "seqs", "next_seqs", "replayed", "y", "top_k_tokens", "top_k_probs", "versions")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
     NEXT_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,7 @@ class FrameOutput(_message.Message):
     Y_FIELD_NUMBER: _ClassVar[int]
     TOP_K_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_PROBS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     steps: int
     seqs: _containers.RepeatedScalarFieldContainer[int]
     next_seqs: _containers.RepeatedScalarFieldContainer[int]
@@ -100,7 +103,8 @@ class FrameOutput(_message.Message):
     y: bytes
     top_k_tokens: _containers.RepeatedScalarFieldContainer[int]
     top_k_probs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, steps: _Optional[int] = ..., seqs: _Optional[_Iterable[int]] = ..., next_seqs: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., y: _Optional[bytes] = ..., top_k_tokens: _Optional[_Iterable[int]] = ..., top_k_probs: _Optional[_Iterable[float]] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, steps: _Optional[int] = ..., seqs: _Optional[_Iterable[int]] = ..., next_seqs: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., y: _Optional[bytes] = ..., top_k_tokens: _Optional[_Iterable[int]] = ..., top_k_probs: _Optional[_Iterable[float]] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("request_id", "model", "sessions", "frame")
