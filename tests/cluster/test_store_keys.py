@@ -60,7 +60,7 @@ def test_an_ended_session_is_deleted_and_an_unknown_one_leaves_nothing(
     r = redis_server.client()
     with Client(a.target) as ca, Client(b.target) as cb:
         ca.predict("tiny", "ends", xs(1, 3), seq=0)
-        assert r.dbsize() == 2  # the session's hash and its replies
+        assert r.dbsize() == 3  # the session's hash, its replies, and which version holds it
         cb.end_session("tiny", "ends")  # on the replica that does not hold it
         assert r.dbsize() == 0
         ca.predict("tiny", "ends-here", xs(2, 3), seq=0)
@@ -76,7 +76,7 @@ def test_an_ended_session_is_deleted_and_an_unknown_one_leaves_nothing(
     with grpc.insecure_channel(a.target) as ch:  # a Triton sequence, from start to end
         stub = ipb_grpc.GRPCInferenceServiceStub(ch)
         stub.ModelInfer(infer("tiny", xs(4, 2)[None], seq_id="tri", start=True))
-        assert r.dbsize() == 2
+        assert r.dbsize() == 3
         stub.ModelInfer(infer("tiny", xs(5, 2)[None], seq_id="tri", end=True))
         stub.ModelInfer(infer("tiny", xs(6, 2)[None], seq_id="one", start=True, end=True))
         assert r.dbsize() == 0

@@ -77,6 +77,38 @@ def backend(request: pytest.FixtureRequest) -> Opener:
     return redis
 
 
+@pytest.fixture(params=["memory", "redis"])
+def versions(request: pytest.FixtureRequest) -> Opener:
+    """opens() -> an async context of two stores of one model: version 1's and version 2's."""
+    if request.param == "memory":
+
+        @asynccontextmanager
+        async def memory() -> AsyncIterator[Pair]:
+            a = MemoryRemote(
+                LAYERS, HIDDEN, OUT, 60.0, REPLIES, namespace="m:1", model="m", version="1"
+            )
+            yield a, a.peer("m:2", "2")
+
+        return memory
+    url: str = request.getfixturevalue("redis_url")
+
+    @asynccontextmanager
+    async def redis() -> AsyncIterator[Pair]:
+        from lstm_serve.core.redis_store import RedisRemote, connect
+
+        model = f"contract-{uuid.uuid4().hex}"
+        ca, cb = connect(url, 5.0), connect(url, 5.0)
+        a = RedisRemote(ca, f"{model}:1", LAYERS, HIDDEN, OUT, 60.0, REPLIES, model, "1")
+        b = RedisRemote(cb, f"{model}:2", LAYERS, HIDDEN, OUT, 60.0, REPLIES, model, "2")
+        try:
+            yield a, b
+        finally:
+            await a.close()
+            await b.close()
+
+    return redis
+
+
 def run(opens: Opener, body: Callable[[Remote, Remote], Awaitable[None]], **kw: Any) -> None:
     async def main() -> None:
         async with opens(**kw) as (a, b):
@@ -440,3 +472,36 @@ def test_memory_remote_can_hold_writes_and_take_sessions_as_another_replica() ->
         assert await a.write([Write("k", cl.epoch, 2, state(3))]) == [False]
 
     asyncio.run(main())
+
+
+# -- versions of one model -----------------------------------------------------------------------
+
+
+def test_a_claim_on_another_version_says_where_the_session_is_and_takes_nothing(
+    versions: Opener,
+) -> None:
+    async def body(v1: Remote, v2: Remote) -> None:
+        cl = await create(v1, "s", state(3, 1.0))
+        (other,) = await v2.claim(["s"])
+        assert other.state is None and other.version == 0 and other.elsewhere == "1"
+        (none,) = await v2.claim(["nobody"])
+        assert none.elsewhere == ""
+        # v1's owner was not disturbed: its next write, under its claim, lands
+        assert await v1.write([Write("s", cl.epoch, 1, state(4, 2.0))]) == [True]
+        (own,) = await v1.claim(["s"])
+        assert own.elsewhere == "" and own.version == 2
+        same_state(own.state, state(4, 2.0))
+        # a reset onto version 2 creates it there; from then on the id is version 2's
+        assert await v2.write([Write("s", other.epoch, 0, state(1, 5.0))]) == [True]
+        (back,) = await v1.claim(["s"])  # v1 still holds its record: naming 1 reaches it
+        assert back.state is not None and back.elsewhere == ""
+        assert await v1.write([Write("s", back.epoch, 2, None)]) == [True]  # v1's end
+        (fresh,) = await v1.claim(["s"])
+        assert fresh.state is None and fresh.elsewhere == "2"  # v1's delete left v2's mark
+        # the holder's delete clears the mark: the id is free for any version
+        (mine,) = await v2.claim(["s"])
+        assert await v2.write([Write("s", mine.epoch, 1, None)]) == [True]
+        (free,) = await v1.claim(["s"])
+        assert free.state is None and free.elsewhere == ""
+
+    run(versions, body)

@@ -22,9 +22,11 @@ import pytest
 
 from lstm_serve.client import Client, session_steps, step_request
 from lstm_serve.core.engine import LoadedModel
+from lstm_serve.core.policy import POLICY_FILE
 from lstm_serve.core.repository import load_repository
 from lstm_serve.core.snapshot import write_snapshot
 from lstm_serve.core.store import Captured, CapturedReplay
+from tests.helpers.models import add_version
 from tests.helpers.proxy import ServeProcess, health_status
 from tests.helpers.server import ServerThread
 from tests.oracle.one_pass import OnePass
@@ -99,6 +101,44 @@ def test_sigterm_restart_continues_every_session_exactly(
     for (model, sid), x in xs.items():
         y = oracles[model].run(x)[0]
         np.testing.assert_allclose(np.concatenate(outputs[(model, sid)]), y, atol=ATOL)
+    assert "Traceback" not in proc.log()
+
+
+def test_sigterm_restart_keeps_sessions_on_their_version(
+    tiny_repo_copy: Path, tmp_path: Path
+) -> None:
+    """A session on version 1 goes on on version 1 after a restart whose serving.toml loads
+    only version 2 (version 1 is loaded for its snapshot's sessions, and drains); new sessions
+    start on 2; once its last session ends version 1 is freed and its snapshot deleted."""
+    repo, snap = tiny_repo_copy, tmp_path / "snap"
+    v1 = OnePass(repo / "tiny" / "1")
+    x = np.random.default_rng(5).normal(size=(6, 3)).astype(np.float32)
+    proc = ServeProcess(repo, tmp_path / "serve.log", snapshot_dir=snap, reap_interval_s=0.1)
+    proc.start()
+    try:
+        with Client(proc.target, timeout=10) as c:
+            assert c.predict("tiny", "old", x[:3], seq=0).version == "1"
+        assert proc.terminate() == 0
+        v2 = OnePass(add_version(repo, "2"))
+        (repo / "tiny" / POLICY_FILE).write_text("[version_policy]\nlatest = 1\n")
+        proc.start()
+        with Client(proc.target, timeout=10) as c:
+            r = c.predict("tiny", "old", x[3:], seq=3)
+            assert r.version == "1"
+            np.testing.assert_allclose(r.y, v1.run(x)[0][3:], atol=ATOL)
+            r = c.predict("tiny", "new", x)
+            assert r.version == "2"
+            np.testing.assert_allclose(r.y, v2.run(x)[0], atol=ATOL)
+            assert c.get_model("tiny").version == "2"
+            c.end_session("tiny", "old")
+            deadline = time.monotonic() + 20
+            while (snap / "tiny-1.npz").exists():  # freed by the reaper with its last session
+                assert time.monotonic() < deadline, "version 1 was never freed"
+                time.sleep(0.05)
+        assert proc.terminate() == 0
+        assert "tiny-1.npz" not in {p.name for p in snap.iterdir()}
+    finally:
+        proc.terminate()
     assert "Traceback" not in proc.log()
 
 

@@ -86,7 +86,11 @@ def add_models_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the manifests as JSON")
     p.add_argument("--model", help="with load or unload: the model name")
-    p.add_argument("--version", default="", help="with load or unload: one version (default all)")
+    p.add_argument(
+        "--version", default="",
+        help="with load or unload: one version (default: load applies the model's "
+        "serving.toml, its version policy and labels; unload unloads every version)",
+    )  # fmt: skip
     _connection_arguments(p)
 
 
@@ -116,7 +120,8 @@ def _model_control(args: argparse.Namespace) -> int:
                     ipb.RepositoryModelLoadRequest(model_name=args.model, parameters=params),
                     timeout=args.timeout, metadata=meta,
                 )  # fmt: skip
-                print(f"loaded {args.model}{' version ' + args.version if args.version else ''}")
+                what = f" version {args.version}" if args.version else " (its serving.toml applied)"
+                print(f"loaded {args.model}{what}")
             else:
                 stub.RepositoryModelUnload(
                     ipb.RepositoryModelUnloadRequest(model_name=args.model, parameters=params),

@@ -20,6 +20,7 @@ import numpy as np
 
 from lstm_serve.core import frame as F
 from lstm_serve.core.errors import (
+    Elsewhere,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -273,7 +274,7 @@ class Engine:
         space = f"{lm.label}:{m.sha256[:12]}"
         remote = RedisRemote(
             self._redis, space, m.layers, m.hidden_size, m.output_dim, s.session_ttl_s,
-            s.state_replies,
+            s.state_replies, m.name, m.version,
         )  # fmt: skip
         acked = s.state_answer is AnswerMode.acked
         StateSync(
@@ -489,16 +490,57 @@ class Engine:
                                 "end", frame.ids[i], keys[i], "EndSession"
                             )
                             op.add_done_callback(_retrieve)
-        if len(subs) == 1:
-            lm, _, sub = subs[0]
-            return self._submit(lm, sub, keys if sub is frame else sub.ids, deadline)
         futs = []
         for lm, rows, sub in subs:
-            sk = [keys[i] for i in rows.tolist()]
-            futs.append(self._submit(lm, sub, sk, deadline))
+            sk = keys if len(rows) == len(keys) else [keys[i] for i in rows.tolist()]
+            fut = self._submit(lm, sub, sk, deadline)
+            if lm.sync is not None:  # the shared store may hold a session on another version
+                fut = asyncio.ensure_future(self._follow(lm, fut, source, sub, sk, deadline))
+            futs.append(fut)
+        if len(subs) == 1:
+            return futs[0]
         return asyncio.ensure_future(
             _merge(frame.ids, [(lm.version, r) for lm, r, _ in subs], futs)
         )
+
+    async def _follow(
+        self,
+        lm: LoadedModel,
+        fut: asyncio.Future[StepResult],
+        source: FrameSource,
+        frame: F.Frame,
+        keys: list[str],
+        deadline: float | None,
+    ) -> StepResult:
+        """With a shared store: a request refused, unapplied, because the store holds some of
+        its sessions under another version of the model (another replica started them there)
+        is sent again with those sessions on their version, when this replica has it loaded
+        (otherwise the refusal, which names the version, is the answer)."""
+        try:
+            return await fut
+        except Elsewhere as exc:
+            name = lm.mv.manifest.name
+            targets = {v: self.versions.loaded.get((name, v)) for v in set(exc.moved.values())}
+            if any(t is None for t in targets.values()):
+                raise
+            moved = np.array([exc.moved.get(k, "") for k in keys])
+            parts = [(lm, np.flatnonzero(moved == ""))]
+            parts += [(t, np.flatnonzero(moved == v)) for v, t in targets.items() if t is not None]
+            futs, rows = [], []
+            for target, part in parts:
+                if not len(part):
+                    continue
+                f = frame if _same_inputs(target, lm) else self._frame(target, source)
+                sub = f if len(part) == len(keys) else F.take(f, part)
+                sk = keys if len(part) == len(keys) else [keys[i] for i in part.tolist()]
+                if target.retired_at is not None and target is not lm:
+                    # the store holds them: they are no new sessions there
+                    check_retired(target, lm.version, np.ones(len(sk), bool), sub.reset)
+                futs.append(self._submit(target, sub, sk, deadline))
+                rows.append((target.version, part))
+            if len(futs) == 1:
+                return await futs[0]
+            return await _merge(frame.ids, rows, futs)
 
     # -- forecast ------------------------------------------------------------------------------
 
@@ -946,5 +988,6 @@ async def _merge(
         seq[part], nxt[part], replayed[part] = res.seq, res.next_seq, res.replayed
         for j, i in enumerate(part.tolist()):
             y[i] = res.y[j]
-            versions[i] = version
+            # the part's own answer says where it ran (it may have followed its sessions)
+            versions[i] = res.versions[j] if res.versions else (res.version or version)
     return StepResult(ids, seq, nxt, replayed, y, "", versions)

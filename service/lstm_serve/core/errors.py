@@ -37,6 +37,15 @@ class FailedPrecondition(ServiceError):
     code = "FAILED_PRECONDITION"
 
 
+class Elsewhere(FailedPrecondition):
+    """Sessions the shared store holds under another version of the model (a request that
+    named no version reached a version they do not live on). moved: key -> that version."""
+
+    def __init__(self, message: str, moved: dict[str, str]) -> None:
+        super().__init__(message)
+        self.moved = moved
+
+
 class SeqGap(FailedPrecondition):
     """A request's seq is not the session's next seq (and is not a retry we can answer)."""
 

@@ -22,6 +22,9 @@ specification; tests/core/test_remote_contract.py runs the same cases against bo
   last `replies`; a delete removes the session (a delete at version 0 of a session the store
   does not hold is applied, and changes nothing);
 - the writes and claims of one call are applied in order, at once (as one script call);
+- per session id of the model, the version whose record it is: set (with the TTL) by every
+  write, deleted by a delete when it names this version; a claim of a session this version
+  does not hold says which other version holds it (Claim.elsewhere) and takes nothing;
 - peek reads next_seq without claiming or refreshing the TTL;
 - every claim and write refreshes the session's TTL; an expired session is gone.
 
@@ -96,10 +99,18 @@ class MemoryRemote:
         namespace: str = "",
         records: dict[str, Record] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        model: str = "",
+        version: str = "",
+        where: dict[str, tuple[str, float]] | None = None,
     ) -> None:
         self.records: dict[str, Record] = {} if records is None else records
+        # model-level key of a session id -> (the version whose record it is, expiry)
+        self.where: dict[str, tuple[str, float]] = {} if where is None else where
         self.namespace = namespace
         self.prefix = f"lstm-serve:{namespace}:"
+        self.where_prefix = f"lstm-serve:{model or namespace}:where:"
+        self.model = model
+        self.own = version or namespace
         self.shape = (layers, hidden)
         self.output_dim = output_dim
         self.ttl_s = max(int(ttl_s * 1000), 1) / 1000  # whole milliseconds, as Redis's PEXPIRE
@@ -113,12 +124,14 @@ class MemoryRemote:
 
     # -- test controls -------------------------------------------------------------------------
 
-    def peer(self, namespace: str | None = None) -> MemoryRemote:
-        """Another replica's connection to the same store (same records, shape, TTL, replies)."""
+    def peer(self, namespace: str | None = None, version: str | None = None) -> MemoryRemote:
+        """Another replica's connection to the same store (same records, shape, TTL, replies);
+        with namespace and version: to another version of the same model."""
         return MemoryRemote(
             self.shape[0], self.shape[1], self.output_dim, self.ttl_s, self.replies,
             namespace=self.namespace if namespace is None else namespace,
-            records=self.records, clock=self.clock,
+            records=self.records, clock=self.clock, model=self.model,
+            version=self.own if version is None else version, where=self.where,
         )  # fmt: skip
 
     def fail_next(
@@ -215,12 +228,23 @@ class MemoryRemote:
             return None
         return rec
 
+    def _where(self, session: str, now: float) -> tuple[str, str | None]:
+        k = f"{self.where_prefix}{{{session}}}"
+        w = self.where.get(k)
+        if w is not None and w[1] <= now:
+            del self.where[k]
+            w = None
+        return k, None if w is None else w[0]
+
     def _claim_one(self, key: str, epoch: int, now: float) -> Claim:
         rec = self._live(self._key(key), now)
+        wk, w = self._where(key, now)
         if rec is None:
-            return Claim(epoch, 0, None)
+            return Claim(epoch, 0, None, w if w is not None and w != self.own else "")
         rec.epoch = epoch
         rec.expires = now + self.ttl_s
+        if w is not None:
+            self.where[wk] = (w, now + self.ttl_s)
         state = State(
             rec.h.copy(), rec.c.copy(), rec.last_y.copy(), rec.next_seq,
             tuple(_reply_copy(r) for r in rec.replies),
@@ -236,9 +260,13 @@ class MemoryRemote:
             ok = rec is not None and rec.epoch == w.epoch and rec.version == w.version
         if not ok:
             return False
+        wk, holder = self._where(w.key, now)
         if state is None:
             self.records.pop(k, None)
+            if holder == self.own:
+                del self.where[wk]
             return True
+        self.where[wk] = (self.own, now + self.ttl_s)
         replies = [] if rec is None or state.clear else rec.replies
         replies.extend(state.replies)
         del replies[: max(len(replies) - self.replies, 0)]

@@ -1,5 +1,6 @@
 """The shared session store on Redis: per session a hash (epoch, version, state) and a list
-(its last replies), and two Lua scripts.
+(its last replies), per session id of a model the version whose record it is, and two Lua
+scripts.
 
 claim: per session, read the state and replies and, if it is stored, take it over under a new
 epoch (chosen by the replica, at random), in one call. A session the store does not hold is
@@ -8,8 +9,9 @@ write: per session, apply the write only if the stored epoch and version are the
 (version 0: only if no other replica has stored the session meanwhile), in one call, so a batch
 costs one round trip and a fenced writer changes nothing. A delete removes both keys: epochs
 are random, so an old claim never matches a later session of the same id.
-Both keys of a session share a hash tag, and expire after the session TTL (refreshed by every
-claim and write).
+A claim of a session the store holds only under another version of the model takes nothing
+and says which version holds it. The keys of a session share a hash tag, and expire after the
+session TTL (refreshed by every claim and write).
 """
 
 from __future__ import annotations
@@ -39,34 +41,38 @@ logger = logging.getLogger(__name__)
 F32 = np.dtype("<f4")
 REPLY_HEAD = struct.Struct("<qqQ?")  # seq, next_seq, digest, reset; then y as float32
 
-# ARGV: ttl_ms, then one new epoch per session. Out per session: {} (not stored), or version,
-# h, c, y, next_seq, replies.
+# KEYS per session: its hash, its reply list, and the model's record of which version holds
+# the session id. ARGV: ttl_ms, this model version, then one new epoch per session. Out per
+# session: {} (not stored), {version} (stored under that other version: not claimed), or
+# version, h, c, y, next_seq, replies.
 CLAIM = """
 local out = {}
-local j = 2
-for i = 1, #KEYS, 2 do
-  local k, rk = KEYS[i], KEYS[i + 1]
+local j = 3
+for i = 1, #KEYS, 3 do
+  local k, rk, wk = KEYS[i], KEYS[i + 1], KEYS[i + 2]
   local v = redis.call('HMGET', k, 'v', 'h', 'c', 'y', 'n')
   if v[2] then
     redis.call('HSET', k, 'e', ARGV[j])
     redis.call('PEXPIRE', k, ARGV[1])
     redis.call('PEXPIRE', rk, ARGV[1])
+    redis.call('PEXPIRE', wk, ARGV[1])
     out[#out + 1] = {v[1], v[2], v[3], v[4], v[5], redis.call('LRANGE', rk, 0, -1)}
   else
-    out[#out + 1] = {}
+    local w = redis.call('GET', wk)
+    if w and w ~= ARGV[2] then out[#out + 1] = {w} else out[#out + 1] = {} end
   end
   j = j + 1
 end
 return out
 """
 
-# ARGV: ttl_ms, replies kept, then per session: op, epoch, version, h, c, y, next_seq, clear,
-# the number of replies, the replies.
+# KEYS as CLAIM's. ARGV: ttl_ms, replies kept, this model version, then per session: op,
+# epoch, version, h, c, y, next_seq, clear, the number of replies, the replies.
 WRITE = """
-local ttl, keep, a = ARGV[1], tonumber(ARGV[2]), 3
+local ttl, keep, own, a = ARGV[1], tonumber(ARGV[2]), ARGV[3], 4
 local out = {}
-for i = 1, #KEYS, 2 do
-  local k, rk = KEYS[i], KEYS[i + 1]
+for i = 1, #KEYS, 3 do
+  local k, rk, wk = KEYS[i], KEYS[i + 1], KEYS[i + 2]
   local nr = tonumber(ARGV[a + 8])
   local first = a + 9
   local v = ARGV[a + 2]
@@ -81,6 +87,7 @@ for i = 1, #KEYS, 2 do
     out[#out + 1] = 0
   elseif ARGV[a] == 'd' then
     redis.call('DEL', k, rk)
+    if redis.call('GET', wk) == own then redis.call('DEL', wk) end
     out[#out + 1] = 1
   else
     redis.call('HSET', k, 'e', ARGV[a + 1], 'v', tostring(tonumber(v) + 1), 'h', ARGV[a + 3],
@@ -90,6 +97,7 @@ for i = 1, #KEYS, 2 do
     redis.call('LTRIM', rk, -keep, -1)
     redis.call('PEXPIRE', k, ttl)
     redis.call('PEXPIRE', rk, ttl)
+    redis.call('SET', wk, own, 'PX', ttl)
     out[#out + 1] = 1
   end
   a = first + nr
@@ -173,9 +181,16 @@ class RedisRemote:
         output_dim: int,
         ttl_s: float,
         replies: int,
+        model: str = "",
+        version: str = "",
     ) -> None:
+        """model, version: the model version whose sessions these are (namespace says it with
+        its weights' hash); "": namespace stands for both (a store of one version alone)."""
         self.client = client
         self.prefix = f"lstm-serve:{namespace}:"
+        # Which version holds a session id: one key per id for all versions of the model.
+        self.where_prefix = f"lstm-serve:{model or namespace}:where:"
+        self.own = version or namespace
         self.shape = (layers, hidden)
         self.output_dim = output_dim
         self.ttl_ms = str(max(int(ttl_s * 1000), 1))
@@ -191,17 +206,17 @@ class RedisRemote:
         out = []
         for s in sessions:
             k = self.key(s)
-            out += [k, k + ":r"]
+            out += [k, k + ":r", f"{self.where_prefix}{{{s}}}"]
         return out
 
     async def claim(self, keys: list[str]) -> list[Claim]:
         # Random epochs (62 bits): never reused, so deleting an ended session needs no marker.
         epochs = [secrets.randbits(62) + 1 for _ in keys]
-        rows = await self._call(self._claim, self._keys(keys), [self.ttl_ms, *epochs])
+        rows = await self._call(self._claim, self._keys(keys), [self.ttl_ms, self.own, *epochs])
         return [self._decode(e, row) for e, row in zip(epochs, rows, strict=True)]
 
     async def write(self, writes: list[Write]) -> list[bool]:
-        args: list[Any] = [self.ttl_ms, self.replies]
+        args: list[Any] = [self.ttl_ms, self.replies, self.own]
         for w in writes:
             args += [b"d" if w.state is None else b"w", str(w.epoch), str(w.version)]
             args += self._encode(w.state)
@@ -248,6 +263,9 @@ class RedisRemote:
     def _decode(self, epoch: int, row: list[Any]) -> Claim:
         if not row:
             return Claim(epoch, 0, None)
+        if len(row) == 1:  # held under another version of the model
+            other = row[0]
+            return Claim(epoch, 0, None, other.decode() if isinstance(other, bytes) else other)
         version, h, c, y, n, replies = row
         rs = []
         for blob in replies:

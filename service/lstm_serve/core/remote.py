@@ -8,8 +8,10 @@ version it follows and is refused (fenced) unless both still hold. A session the
 hold is claimed without a trace in the store (a request for an unknown session leaves nothing
 there); its first write creates it, and is fenced if another replica created it meanwhile.
 Epochs are random, never counted, so an ended session is deleted outright: a replica still
-holding an old claim can never match a later session's epoch. See core/sync.py for how a
-replica uses it.
+holding an old claim can never match a later session's epoch. Each store is one model
+version's; beside its records the store keeps, per session id of the model, the version whose
+record it is (written with the record, deleted with it), so a replica can tell a new session
+from one that lives on another version. See core/sync.py for how a replica uses it.
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ class State:
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A load: the new epoch this replica owns the session under, the version it is at, and
-    its state (None: the store has no such session; its version is then 0)."""
+    its state (None: the store has no such session; its version is then 0). elsewhere: the
+    store holds no such session under this model version but holds one under that other
+    version of the model (which was not claimed: its owner goes on undisturbed)."""
 
     epoch: int
     version: int
     state: State | None
+    elsewhere: str = ""
 
 
 @dataclass(frozen=True, slots=True)

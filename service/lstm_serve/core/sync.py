@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from lstm_serve.core.errors import FailedPrecondition, ServiceError, Unavailable
+from lstm_serve.core.errors import Elsewhere, FailedPrecondition, ServiceError, Unavailable
 from lstm_serve.core.frame import ONE_REQUEST, Frame
 from lstm_serve.core.jobs import Job, Limits, OpJob, StepJob
 from lstm_serve.core.probes import Probes
@@ -54,6 +54,7 @@ class Host(Protocol):
     replay: ReplayCache
     limits: Limits
     label: str
+    version: str  # the model version it runs
     sync: StateSync | None
 
     def fail(self, job: Job, exc: BaseException) -> None: ...
@@ -227,6 +228,8 @@ class StateSync:
         self._failed_now: dict[str, ServiceError] = {}
         self._drops: list[tuple[str, Owned]] = []
         self._absent: list[tuple[str, Owned]] = []  # claimed, but not in the store
+        # claimed, not in this version's store but in another version's: key -> that version
+        self._moved: dict[str, str] = {}
         self._poisoned: set[str] = set()  # a write failed; later states must not land either
         self._changed: list[np.ndarray] = []
         self._dirty: dict[str, None] = {}  # ordered set of keys to write
@@ -283,7 +286,7 @@ class StateSync:
             return False
         owned = self.owned
         if all(k in owned for k in keys) and not self._stale(job):
-            return True
+            return not (self._moved and self._elsewhere(job))
         if self._failed_now:
             for k in keys:
                 exc = self._failed_now.get(k)
@@ -316,6 +319,33 @@ class StateSync:
             keys[i] for i in np.flatnonzero(once).tolist() if frame.ids[i].startswith(ONE_REQUEST)
         }
         return [k for k in missing if k not in skip]
+
+    def _elsewhere(self, job: Job) -> bool:
+        """Refuse a job on sessions that live on another version of the model (unless it
+        starts them over here: a reset); True when refused. Their claims are forgotten, so
+        that a later request claims again."""
+        moved: dict[str, str] = {}
+        first = -1
+        for i, key in enumerate(job.keys):
+            version = self._moved.pop(key, None)
+            if version is None or (_restarts(job, i) and not _ends(job)):
+                continue
+            moved[key] = version
+            self.owned.pop(key, None)
+            first = i if first < 0 else first
+        if not moved:
+            return False
+        sid, version = _session_id(job, first), moved[job.keys[first]]
+        self._refuse(
+            job,
+            Elsewhere(
+                f"session {sid[:64]!r} is on version {version} of the model, not on "
+                f"{self.sched.version}: name version {version}, or send the step with reset "
+                f"to start it again on {self.sched.version}",
+                moved,
+            ),
+        )
+        return True
 
     def _tell_lost(self, job: Job) -> bool:
         """Early mode: refuse a request on a session whose answered steps were not stored,
@@ -416,6 +446,7 @@ class StateSync:
             for key, o in absent:
                 if self.owned.get(key) is o and key not in self.store.slots:
                     del self.owned[key]
+                    self._moved.pop(key, None)
         if self._loaded:
             self._apply_loaded()
 
@@ -529,6 +560,8 @@ class StateSync:
                 with_state.append((key, claim.state))
             else:
                 self._absent.append((key, o))
+                if claim.elsewhere:
+                    self._moved[key] = claim.elsewhere
         if not with_state:
             return
         keys = [k for k, _ in with_state]
@@ -716,6 +749,10 @@ def _restarts(job: Job, i: int) -> bool:
     if isinstance(job, OpJob):
         return job.kind in ("reset", "end")
     return job.prefix is not None and bool(job.prefix.reset[0])  # a forecast's prefix
+
+
+def _ends(job: Job) -> bool:
+    return isinstance(job, OpJob) and job.kind == "end"
 
 
 def _session_id(job: Job, i: int) -> str:
