@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,10 @@ import pytest
 
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
-from lstm_serve.core.errors import Elsewhere
+from lstm_serve.core.errors import Elsewhere, Unavailable
 from lstm_serve.core.memory_remote import MemoryRemote, Record
 from lstm_serve.core.policy import POLICY_FILE
-from lstm_serve.core.probes import no_probes
+from lstm_serve.core.probes import Probes, no_probes
 from lstm_serve.core.repository import load_repository
 from lstm_serve.core.sync import StateSync
 from tests.helpers.engine import Settings
@@ -40,11 +42,37 @@ def replica_repo(base: Path, dst: Path, policy: str) -> Path:
     return dst
 
 
+class Tally:
+    """Requests counted by (model label, method, code): the scheduler's and the engine's."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+
+    def probes(self, label: str) -> Probes:
+        return replace(no_probes(), requests=lambda m, c: _Inc(self.counts, (label, m, c)))
+
+    def count(self, label: str, method: str, code: str) -> None:
+        self.counts[(label, method, code)] += 1
+
+
+@dataclass
+class _Inc:
+    counts: Counter[tuple[str, str, str]]
+    key: tuple[str, str, str]
+
+    def inc(self, amount: float = 1) -> None:
+        self.counts[self.key] += int(amount)
+
+
 async def start(
-    repo: Path, records: dict[str, Record], where: dict[str, tuple[str, float]]
+    repo: Path,
+    records: dict[str, Record],
+    where: dict[str, tuple[str, float]],
+    tally: Tally | None = None,
 ) -> Engine:
     s = Settings()
-    engine = Engine(s, load_repository(repo), lambda label: no_probes())
+    tally = tally or Tally()
+    engine = Engine(s, load_repository(repo), tally.probes, tally.count)
     await engine.start()
     for lm in engine.models.values():  # as Engine._share, with a MemoryRemote
         m = lm.mv.manifest
@@ -68,7 +96,10 @@ def test_a_session_follows_its_version_to_any_replica(tiny_repo_copy: Path, tmp_
     async def body() -> None:
         records: dict[str, Record] = {}
         where: dict[str, tuple[str, float]] = {}
-        a, b, c = [await start(r, records, where) for r in (a_repo, b_repo, c_repo)]
+        tb, tc = Tally(), Tally()
+        a = await start(a_repo, records, where)
+        b = await start(b_repo, records, where, tb)
+        c = await start(c_repo, records, where, tc)
         try:
 
             async def step(e: Engine, sid: str, rows: slice, reset: bool = False):  # type: ignore[no-untyped-def]
@@ -80,6 +111,8 @@ def test_a_session_follows_its_version_to_any_replica(tiny_repo_copy: Path, tmp_
             r = await step(b, "s", slice(3, 5))  # B's default is 2: s goes on on 1
             assert r.version == "1" and int(r.seq[0]) == 3
             np.testing.assert_allclose(r.y[0], v1.run(x)[0][3:5], atol=ATOL)
+            # counted once, where it ran: not as a refusal on 2 on the way
+            assert tb.counts == {("tiny:1", "Step", "OK"): 1}
             r = await step(b, "s", slice(5, 6))  # now held on B's 1: no refusal on the way
             np.testing.assert_allclose(r.y[0], v1.run(x)[0][5:6], atol=ATOL)
             # a frame of a session on 1 and a new one: each on its own version
@@ -88,11 +121,31 @@ def test_a_session_follows_its_version_to_any_replica(tiny_repo_copy: Path, tmp_
             assert r.versions == ["1", "2"]
             np.testing.assert_allclose(r.y[0], v1.run(x)[0][6:7], atol=ATOL)
             np.testing.assert_allclose(r.y[1], v2.run(x[6:7])[0], atol=ATOL)
+            # GetSession, Forecast and EndSession find it too (a look at each version's store)
+            d = await start(b_repo, records, where)  # a replica that holds nothing yet
+            try:
+                mv, st = await d.get_session("tiny", "", "s")
+                assert mv.manifest.version == "1" and st.exists and st.next_seq == 7
+                mv, fc = await d.forecast("tiny", "", "s", 2)
+                assert mv.manifest.version == "1"  # row 0: what s's last step predicted
+                np.testing.assert_allclose(fc.y[0], v1.run(x[:7])[0][6], atol=ATOL)
+                mv, st = await d.get_session("tiny", "", "nobody")
+                assert not st.exists
+                await d.submit_step("tiny", "", F.single("gone", x[:1]))
+                mv, st = await b.end_session("tiny", "", "gone")
+                assert mv.manifest.version == "2"
+            finally:
+                await d.drain(10)
+                await d.close()
             # C has no version 1: it refuses, naming it, and changes nothing
             with pytest.raises(Elsewhere, match="is on version 1 of the model, not on 2"):
                 await step(c, "s", slice(7, 8))
-            r = await step(b, "s", slice(7, 8))
-            assert int(r.seq[0]) == 7
+            assert tc.counts == {("tiny:2", "Step", "FAILED_PRECONDITION"): 1}
+            # D's forecast claimed s: B's copy is fenced, and a retry (with seq) is applied once
+            with pytest.raises(Unavailable, match="retry"):
+                await b.submit_step("tiny", "", F.single("s", x[7:8], 7))
+            r = await b.submit_step("tiny", "", F.single("s", x[7:8], 7))
+            assert int(r.seq[0]) == 7 and r.version == "1"
             np.testing.assert_allclose(r.y[0], v1.run(x)[0][7:8], atol=ATOL)
             # a reset starts it again where it is sent: on C's 2
             r = await step(c, "s", slice(8, 9), reset=True)

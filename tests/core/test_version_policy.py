@@ -6,6 +6,9 @@ reference over the weights of the version the session started on."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -249,3 +252,35 @@ def test_a_restart_keeps_sessions_on_a_version_the_policy_no_longer_loads(
     run(before, repo, snapshot_dir=snaps)
     run(after, repo, snapshot_dir=snaps)
     assert sorted(p.name for p in snaps.iterdir() if p.name.startswith("tiny-")) == ["tiny-2.npz"]
+
+
+def test_a_changed_version_reloads_once_no_session_is_on_it(tiny_repo_copy: Path) -> None:
+    repo = tiny_repo_copy
+    v1 = OnePass(repo / "tiny" / "1")
+
+    def change_in_place() -> OnePass:
+        """tiny/1's files replaced by other weights under the same version number."""
+        other = add_version(repo, "9", scale=0.25)
+        manifest = json.loads((other / "manifest.json").read_text())
+        manifest["version"] = "1"
+        (repo / "tiny" / "1" / "model.onnx").write_bytes((other / "model.onnx").read_bytes())
+        (repo / "tiny" / "1" / "manifest.json").write_text(json.dumps(manifest))
+        shutil.rmtree(other)
+        time.sleep(0.01)  # a later mtime on coarse clocks
+        return OnePass(repo / "tiny" / "1")
+
+    async def body(engine: Engine) -> None:
+        x = xs(4, 4)
+        assert await engine.poll() == ([], [])
+        await step(engine, "s", x[:2])
+        new = change_in_place()
+        assert await engine.poll() == ([], [])  # s is on it: it serves as loaded
+        r = await step(engine, "s", x[2:])
+        np.testing.assert_allclose(r.y[0], v1.run(x)[0][2:], atol=ATOL)
+        await engine.end_session("tiny", "", "s")
+        assert await engine.poll() == (["tiny:1"], [])  # free now: reloaded
+        r = await step(engine, "t", x)
+        np.testing.assert_allclose(r.y[0], new.run(x)[0], atol=ATOL)
+        assert await engine.poll() == ([], [])
+
+    run(body, repo)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -137,6 +138,7 @@ class Engine:
         # poll(): manifests' mtimes of versions refused (retried once changed) and loaded
         self._poll_failed: dict[tuple[str, str], float] = {}
         self._poll_mtime: dict[tuple[str, str], float] = {}
+        self._reload_due: set[tuple[str, str]] = set()  # changed on disk, to reload when free
         # poll(): serving.toml's mtime when it was last found invalid (logged once per change)
         self._policy_failed: dict[str, float | None] = {}
         self._accepting = False
@@ -228,8 +230,9 @@ class Engine:
                     out.append((found[v], False))
         return out
 
-    async def _load_one(self, mv: ModelVersion) -> LoadedModel:
-        """A version's runtime (warmed up), store and scheduler; its sessions restored."""
+    async def _load_one(self, mv: ModelVersion, restore: bool = True) -> LoadedModel:
+        """A version's runtime (warmed up), store and scheduler; its sessions restored (unless
+        restore is False: a reload, whose snapshot is of the other weights)."""
         s = self.settings
         m = mv.manifest
         label = f"{m.name}:{m.version}"
@@ -246,7 +249,8 @@ class Engine:
         lm = LoadedModel(mv, sched, label)
         sched.on_broken = lambda reason, name=m.name: self._model_failed(name, reason)
         if s.state_store == "memory":
-            self._restore(lm)
+            if restore:
+                self._restore(lm)
         else:  # the shared store holds the sessions: replicas start empty
             self._share(lm, probes)
         probes.sessions.set(len(store))
@@ -432,7 +436,10 @@ class Engine:
             if lm.retired_at is not None:
                 check_retired(lm, self._default_version(name), lm.store.lookup(keys) >= 0,
                               frame.reset)  # fmt: skip
-            return self._submit(lm, frame, keys, deadline)
+            fut = self._submit(lm, frame, keys, deadline)
+            if lm.sync is not None:  # no other version here to follow a session to
+                fut.add_done_callback(functools.partial(self._count_elsewhere, lm))
+            return fut
         except ServiceError as exc:
             self._refused(lm, "Step", exc)
             raise
@@ -449,6 +456,25 @@ class Engine:
             return lm
         parts = self.versions.route(lm, [key], np.zeros(1, bool))
         return next(p for p, rows in parts if len(rows))
+
+    async def _locate(
+        self, lm: LoadedModel, name: str, version: str, principal: str, session_id: str
+    ) -> LoadedModel:
+        """_pin, and with a shared store a look (no claim) at each version's store for a
+        session no version here holds: another replica may have started it on any of them."""
+        key = session_key(principal, session_id)
+        lm = self._pin(lm, name, version, key)
+        others = self.versions.others(name)
+        if version or lm.sync is None or not others or lm.store.slot(key) is not None:
+            return lm
+        try:
+            F.check_ids([session_id], 1)
+        except ServiceError:
+            return lm  # refused by the caller's checks, without a look at the store
+        for cand in (lm, *others):
+            if cand.sync is not None and await cand.sync.peek(key) is not None:
+                return cand
+        return lm
 
     def _default_version(self, name: str) -> str:
         return self.versions.default_version(name)
@@ -503,6 +529,10 @@ class Engine:
             _merge(frame.ids, [(lm.version, r) for lm, r, _ in subs], futs)
         )
 
+    def _count_elsewhere(self, lm: LoadedModel, fut: asyncio.Future[StepResult]) -> None:
+        if not fut.cancelled() and isinstance(exc := fut.exception(), Elsewhere):
+            self._count(lm.label, "Step", exc.code)
+
     async def _follow(
         self,
         lm: LoadedModel,
@@ -522,6 +552,7 @@ class Engine:
             name = lm.mv.manifest.name
             targets = {v: self.versions.loaded.get((name, v)) for v in set(exc.moved.values())}
             if any(t is None for t in targets.values()):
+                self._count(lm.label, "Step", exc.code)
                 raise
             moved = np.array([exc.moved.get(k, "") for k in keys])
             parts = [(lm, np.flatnonzero(moved == ""))]
@@ -561,7 +592,7 @@ class Engine:
         when the answer would not reach the client (checked before anything is applied)."""
         sampling = sampling or Sampling()
         lm = self._admit("Forecast", name, version)
-        lm = self._pin(lm, name, version, session_key(principal, session_id))
+        lm = await self._locate(lm, name, version, principal, session_id)
         try:
             m = lm.mv.manifest
             F.check_ids([session_id], 1)
@@ -623,7 +654,7 @@ class Engine:
     ) -> tuple[ModelVersion, SessionStatus]:
         lm = self._admit("GetSession", name, version)
         key = session_key(principal, session_id)
-        lm = self._pin(lm, name, version, key)
+        lm = await self._locate(lm, name, version, principal, session_id)
         try:
             F.check_ids([session_id], 1)
             status = lm.scheduler.status(key, session_id)
@@ -642,7 +673,7 @@ class Engine:
         self, method: str, kind: str, name: str, version: str, session_id: str, principal: str
     ) -> tuple[ModelVersion, SessionStatus]:
         lm = self._admit(method, name, version)
-        lm = self._pin(lm, name, version, session_key(principal, session_id))
+        lm = await self._locate(lm, name, version, principal, session_id)
         try:
             F.check_ids([session_id], 1)
             key = session_key(principal, session_id)
@@ -781,8 +812,9 @@ class Engine:
         its labels are taken. A version that fails its checks is logged once per change of
         its manifest, not on every poll, and left out of the selection (the policy picks among
         the others); an invalid serving.toml is logged once per change and the last valid one
-        stays. A loaded version whose files changed stays as it was loaded: versions are
-        immutable, add a new one. Returns (labels loaded, labels unloaded)."""
+        stays. A loaded version whose manifest changed is reloaded once no session is on it
+        (checked as a new one; never with a shared store). Returns (labels loaded or reloaded,
+        labels unloaded)."""
         loaded: list[str] = []
         before = {lm.label for lm in self.versions.loaded.values() if lm.retired_at is None}
         names: set[str] = set()
@@ -798,11 +830,16 @@ class Engine:
             serving = self._poll_policy(model_dir)
             for v, mtime in found.items():
                 lm = self.versions.loaded.get((name, v))
-                if lm is not None and lm.retired_at is None and self._changed_on_disk(lm, mtime):
+                if lm is None or lm.retired_at is not None:
+                    continue
+                if self._changed_on_disk(lm, mtime):
+                    self._reload_due.add(lm.mv.key)
                     logger.warning(
-                        "model %s changed on disk while loaded; it serves as loaded (versions "
-                        "are immutable: add a new version)", lm.label,
+                        "model %s changed on disk while loaded; it reloads once no session is "
+                        "on it (sessions stay on the weights they started on)", lm.label,
                     )  # fmt: skip
+                if lm.mv.key in self._reload_due and await self._reload(lm):
+                    loaded.append(lm.label)
             while True:  # a version refused drops out, and the policy picks among the rest
                 usable = [v for v, t in found.items() if self._poll_failed.get((name, v)) != t]
                 selected = serving.version_policy.select(usable)
@@ -855,6 +892,39 @@ class Engine:
         self._policy_failed[name] = mtime
         logger.error("model %s: %s not applied: %s", name, POLICY_FILE, why)
         self._load_failed(name, why)
+
+    async def _reload(self, lm: LoadedModel) -> bool:
+        """Load a changed version again in place, if no session is on it (with a shared
+        store, sessions may live on it anywhere: never); True when it was reloaded. Refused
+        files are logged and counted once; the version serves on as loaded."""
+        if self.settings.state_store != "memory" or len(lm.store) or not lm.scheduler.idle:
+            return False
+        key = lm.mv.key
+        self._reload_due.discard(key)
+        mv, errs = await asyncio.to_thread(load_version, lm.mv.directory, True)
+        if mv is None:
+            why = "; ".join(str(e) for e in errs)
+            logger.error("model %s not reloaded, it serves as loaded: %s", lm.label, why)
+            self._load_failed(key[0], why)
+            return False
+        if mv.manifest == lm.mv.manifest:
+            return False  # touched, not changed
+        try:
+            new = await self._load_one(mv, restore=False)
+        except Exception:
+            logger.exception("model %s not reloaded: its warm-up run failed", lm.label)
+            self._load_failed(key[0], "warm-up run failed")
+            return False
+        if len(lm.store) or not lm.scheduler.idle:  # a session came meanwhile: next poll
+            new.scheduler.close()
+            self._reload_due.add(key)
+            return False
+        self.versions.drop(lm)
+        self.versions.add(new)
+        lm.scheduler.close()
+        logger.info("model %s reloaded (sha256 %s)", new.label, mv.manifest.sha256[:12])
+        self._versions_changed()
+        return True
 
     def _changed_on_disk(self, lm: LoadedModel, mtime: float) -> bool:
         seen = self._poll_mtime.setdefault(lm.mv.key, mtime)

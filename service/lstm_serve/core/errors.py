@@ -41,6 +41,10 @@ class Elsewhere(FailedPrecondition):
     """Sessions the shared store holds under another version of the model (a request that
     named no version reached a version they do not live on). moved: key -> that version."""
 
+    # Counted by the engine, not the scheduler: most are sent again to their version, and
+    # only the answer a client gets is counted.
+    counted_by_engine = True
+
     def __init__(self, message: str, moved: dict[str, str]) -> None:
         super().__init__(message)
         self.moved = moved

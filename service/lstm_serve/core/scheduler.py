@@ -533,7 +533,8 @@ class Scheduler:
         code = exc.code if isinstance(exc, ServiceError) else "INTERNAL"
         if not job.future.done():
             job.future.set_exception(exc)
-        self._count(job.method, code)
+        if not getattr(exc, "counted_by_engine", False):
+            self._count(job.method, code)
 
     def _count(self, method: str, code: str) -> None:
         self.probes.requests(method, code).inc()
