@@ -491,16 +491,18 @@ def test_a_claim_on_another_version_says_where_the_session_is_and_takes_nothing(
         (own,) = await v1.claim(["s"])
         assert own.elsewhere == "" and own.version == 2
         same_state(own.state, state(4, 2.0))
-        # a reset onto version 2 creates it there; from then on the id is version 2's
+        # a reset onto version 2 creates it there; from then on the id is version 2's: v1's
+        # owner is fenced, and v1's claim says where the id lives and drops v1's old record
         assert await v2.write([Write("s", other.epoch, 0, state(1, 5.0))]) == [True]
-        (back,) = await v1.claim(["s"])  # v1 still holds its record: naming 1 reaches it
-        assert back.state is not None and back.elsewhere == ""
-        assert await v1.write([Write("s", back.epoch, 2, None)]) == [True]  # v1's end
-        (fresh,) = await v1.claim(["s"])
-        assert fresh.state is None and fresh.elsewhere == "2"  # v1's delete left v2's mark
+        assert await v1.write([Write("s", own.epoch, 2, state(5, 3.0))]) == [False]
+        (back,) = await v1.claim(["s"])
+        assert back.state is None and back.elsewhere == "2"
+        (again,) = await v1.claim(["s"])
+        assert again.state is None and again.elsewhere == "2"
+        (on2,) = await v2.claim(["s"])
+        same_state(on2.state, state(1, 5.0))
         # the holder's delete clears the mark: the id is free for any version
-        (mine,) = await v2.claim(["s"])
-        assert await v2.write([Write("s", mine.epoch, 1, None)]) == [True]
+        assert await v2.write([Write("s", on2.epoch, 1, None)]) == [True]
         (free,) = await v1.claim(["s"])
         assert free.state is None and free.elsewhere == ""
 

@@ -18,7 +18,7 @@ import pytest
 
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
-from lstm_serve.core.errors import FailedPrecondition
+from lstm_serve.core.errors import FailedPrecondition, ServiceError
 from lstm_serve.core.jobs import StepResult
 from lstm_serve.core.policy import (
     BUCKETS,
@@ -282,5 +282,54 @@ def test_a_changed_version_reloads_once_no_session_is_on_it(tiny_repo_copy: Path
         r = await step(engine, "t", x)
         np.testing.assert_allclose(r.y[0], new.run(x)[0], atol=ATOL)
         assert await engine.poll() == ([], [])
+
+    run(body, repo)
+
+
+def test_a_reset_onto_the_canary_moves_the_session_only_once_it_is_applied(
+    tiny_repo_copy: Path,
+) -> None:
+    repo = tiny_repo_copy
+    v1, v2 = OnePass(repo / "tiny" / "1"), OnePass(add_version(repo, "2"))
+    write_policy(repo, "[labels]\nstable = 1\ncanary = 2\ncanary_share = 1.0\n")
+
+    async def body(engine: Engine) -> None:
+        x = xs(6, 5)
+        await step(engine, "s", x[:3], version="1")
+        # a reset that is refused (its deadline passed before its turn) moves nothing
+        with pytest.raises(ServiceError):
+            await engine.submit_step(
+                "tiny", "", F.single("s", x[3:4], None, True), deadline=time.monotonic() - 1
+            )
+        r = await step(engine, "s", x[3:4])
+        assert r.version == "1" and int(r.seq[0]) == 3
+        np.testing.assert_allclose(r.y[0], v1.run(x[:4])[0][3:], atol=ATOL)
+        # a reset and the next step sent at once: both on 2, one history, nothing on 1 after
+        reset = engine.submit_step("tiny", "", F.single("s", x[:2], None, True))
+        after = engine.submit_step("tiny", "", F.single("s", x[2:]))
+        r1, r2 = await reset, await after
+        assert (r1.version, r2.version) == ("2", "2")
+        assert int(r2.seq[0]) == 2
+        np.testing.assert_allclose(np.concatenate([r1.y[0], r2.y[0]]), v2.run(x)[0], atol=ATOL)
+        await asyncio.sleep(0.05)
+        assert engine.models["tiny", "1"].store.slot("s") is None
+        assert not engine.versions.moving
+
+    run(body, repo)
+
+
+def test_stateless_rows_go_to_the_default_never_the_canary(tiny_repo_copy: Path) -> None:
+    repo = tiny_repo_copy
+    add_version(repo, "2")
+    write_policy(repo, "[labels]\nstable = 1\ncanary = 2\ncanary_share = 1.0\n")
+
+    async def body(engine: Engine) -> None:
+        default = engine.versions.get("tiny")
+        keys = ["a", "b", "c"]
+        reset = np.array([True, True, False])
+        once = np.array([True, False, False])  # reset and ended in its one request
+        parts = engine.versions.route(default, keys, reset, once)
+        got = {lm.version: rows.tolist() for lm, rows in parts if len(rows)}
+        assert got == {"1": [0], "2": [1, 2]}
 
     run(body, repo)

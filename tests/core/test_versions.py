@@ -192,3 +192,16 @@ def test_polling_loads_new_versions_and_unloads_removed_ones(tiny_repo_copy: Pat
             await engine.load("tiny", "../tiny/1")
 
     run(body, repo)
+
+
+def test_two_loads_at_once_load_a_version_once(tiny_repo_copy: Path) -> None:
+    async def body(engine: Engine) -> None:
+        add_version(tiny_repo_copy, "2")
+        first, second = await asyncio.gather(engine.load("tiny", "2"), engine.load("tiny", "2"))
+        assert sorted([first, second]) == [[], ["2"]]
+        lm = engine.models["tiny", "2"]
+        res = await step(engine, "n", xs(8, 2))
+        assert engine.models["tiny", "2"] is lm and lm.store.slot("n") is not None
+        assert int(res.seq[0]) == 0
+
+    run(body, tiny_repo_copy)

@@ -154,3 +154,8 @@ def test_a_rollout_under_load_fails_nothing_before_the_deadline(tiny_repo_copy: 
         assert segs[0].versions == {"1"}
         assert f"s{i}" in refused and [s.versions for s in segs[1:]] == [{"2"}], f"s{i}"
     assert steps > 5 * STREAMS  # the load really ran
+    print(
+        f"rollout: {len(log.segments)} sessions, {steps} steps, "
+        f"{sum(len(v) for v in log.segments.values())} segments; refused after the deadline "
+        f"{len(log.errors)}, before it 0"
+    )

@@ -139,6 +139,9 @@ class Engine:
         self._poll_failed: dict[tuple[str, str], float] = {}
         self._poll_mtime: dict[tuple[str, str], float] = {}
         self._reload_due: set[tuple[str, str]] = set()  # changed on disk, to reload when free
+        # One load, poll or reload at a time: each awaits (checks, warm-up) between looking at
+        # what is loaded and adding to it.
+        self._control = asyncio.Lock()
         # poll(): serving.toml's mtime when it was last found invalid (logged once per change)
         self._policy_failed: dict[str, float | None] = {}
         self._accepting = False
@@ -438,7 +441,7 @@ class Engine:
                               frame.reset)  # fmt: skip
             fut = self._submit(lm, frame, keys, deadline)
             if lm.sync is not None:  # no other version here to follow a session to
-                fut.add_done_callback(functools.partial(self._count_elsewhere, lm))
+                fut.add_done_callback(functools.partial(self._count_elsewhere, lm, "Step"))
             return fut
         except ServiceError as exc:
             self._refused(lm, "Step", exc)
@@ -459,22 +462,23 @@ class Engine:
 
     async def _locate(
         self, lm: LoadedModel, name: str, version: str, principal: str, session_id: str
-    ) -> LoadedModel:
+    ) -> tuple[LoadedModel, bool]:
         """_pin, and with a shared store a look (no claim) at each version's store for a
-        session no version here holds: another replica may have started it on any of them."""
+        session no version here holds: another replica may have started it on any of them.
+        Returns the version, and whether the session was found in its shared store."""
         key = session_key(principal, session_id)
         lm = self._pin(lm, name, version, key)
         others = self.versions.others(name)
         if version or lm.sync is None or not others or lm.store.slot(key) is not None:
-            return lm
+            return lm, False
         try:
             F.check_ids([session_id], 1)
         except ServiceError:
-            return lm  # refused by the caller's checks, without a look at the store
+            return lm, False  # refused by the caller's checks, without a look at the store
         for cand in (lm, *others):
             if cand.sync is not None and await cand.sync.peek(key) is not None:
-                return cand
-        return lm
+                return cand, True
+        return lm, False
 
     def _default_version(self, name: str) -> str:
         return self.versions.default_version(name)
@@ -491,7 +495,8 @@ class Engine:
         on the version that holds it (versions.py). Rows on several versions are split into
         one request per version; each is applied or refused on its own (a retry with seq
         replays what was applied), and the answer is the first error or all rows' answers."""
-        parts = self.versions.route(default, keys, frame.reset)
+        once = None if frame.end is None else frame.reset & frame.end
+        parts = self.versions.route(default, keys, frame.reset, once)
         dv = default.version
         subs: list[tuple[LoadedModel, np.ndarray, F.Frame]] = []
         for lm, rows in parts:
@@ -505,47 +510,83 @@ class Engine:
                 sk = keys if whole else [keys[i] for i in rows.tolist()]
                 check_retired(lm, dv, lm.store.lookup(sk) >= 0, sub.reset)
             subs.append((lm, rows, sub))
-        # A reset starts its session on the version chosen for it: drop its copy elsewhere.
-        if frame.reset.any():
-            name = default.mv.manifest.name
-            for lm, rows, _ in subs:
+        # A reset starts its session on the version chosen for it. Its copies on other
+        # versions are ended once the reset is applied (a refused reset leaves them as they
+        # were); meanwhile later requests on the session go where the reset went.
+        name = default.mv.manifest.name
+        moving = self.versions.moving
+        ends: list[list[tuple[str, str, LoadedModel]]] = []
+        for lm, rows, _ in subs:
+            part_ends = []
+            if frame.reset.any():
                 for i in rows[frame.reset[rows]].tolist():
                     for other in (default, *self.versions.others(name)):
                         if other is not lm and other.store.slot(keys[i]) is not None:
-                            op = other.scheduler.submit_op(
-                                "end", frame.ids[i], keys[i], "EndSession"
-                            )
-                            op.add_done_callback(_retrieve)
+                            part_ends.append((frame.ids[i], keys[i], other))
+                            moving[keys[i]] = lm
+            ends.append(part_ends)
         futs = []
-        for lm, rows, sub in subs:
-            sk = keys if len(rows) == len(keys) else [keys[i] for i in rows.tolist()]
-            fut = self._submit(lm, sub, sk, deadline)
-            if lm.sync is not None:  # the shared store may hold a session on another version
-                fut = asyncio.ensure_future(self._follow(lm, fut, source, sub, sk, deadline))
-            futs.append(fut)
+        try:
+            for (lm, rows, sub), part_ends in zip(subs, ends, strict=True):
+                sk = keys if len(rows) == len(keys) else [keys[i] for i in rows.tolist()]
+                fut = self._submit(lm, sub, sk, deadline)
+                if lm.sync is not None:  # the shared store may hold a session elsewhere
+                    fut = asyncio.ensure_future(
+                        self._follow(lm, fut, source, default, frame, rows, sk, deadline)
+                    )
+                if part_ends:
+                    fut.add_done_callback(functools.partial(self._end_copies, part_ends))
+                futs.append(fut)
+        except BaseException:
+            for part_ends in ends[len(futs) :]:
+                for _, key, _ in part_ends:
+                    moving.pop(key, None)
+            raise
         if len(subs) == 1:
             return futs[0]
         return asyncio.ensure_future(
             _merge(frame.ids, [(lm.version, r) for lm, r, _ in subs], futs)
         )
 
-    def _count_elsewhere(self, lm: LoadedModel, fut: asyncio.Future[StepResult]) -> None:
+    def _end_copies(
+        self, ends: list[tuple[str, str, LoadedModel]], fut: asyncio.Future[StepResult]
+    ) -> None:
+        """After a reset onto another version: end the session's copies elsewhere if it was
+        applied; then (or at once, if it was refused) its requests route as before."""
+        moving = self.versions.moving
+        if fut.cancelled() or fut.exception() is not None:
+            for _, key, _ in ends:
+                moving.pop(key, None)
+            return
+        for sid, key, other in ends:
+            try:
+                op = other.scheduler.submit_op("end", sid, key, "EndSession")
+            except ServiceError:  # that version is closing: its copy goes with it
+                moving.pop(key, None)
+                continue
+            op.add_done_callback(functools.partial(_moved, moving, key))
+
+    def _count_elsewhere(self, lm: LoadedModel, method: str, fut: asyncio.Future[Any]) -> None:
+        """Count a refusal the scheduler left to the engine (Elsewhere), when it is the answer."""
         if not fut.cancelled() and isinstance(exc := fut.exception(), Elsewhere):
-            self._count(lm.label, "Step", exc.code)
+            self._count(lm.label, method, exc.code)
 
     async def _follow(
         self,
         lm: LoadedModel,
         fut: asyncio.Future[StepResult],
         source: FrameSource,
-        frame: F.Frame,
+        base: LoadedModel,
+        whole: F.Frame,
+        rows: np.ndarray,
         keys: list[str],
         deadline: float | None,
     ) -> StepResult:
-        """With a shared store: a request refused, unapplied, because the store holds some of
-        its sessions under another version of the model (another replica started them there)
-        is sent again with those sessions on their version, when this replica has it loaded
-        (otherwise the refusal, which names the version, is the answer)."""
+        """With a shared store: a request (rows of whole, a frame decoded for base) refused,
+        unapplied, because the store holds some of its sessions under another version of the
+        model (another replica started them there) is sent again with those sessions on their
+        version, when this replica has it loaded (otherwise the refusal, which names the
+        version, is the answer)."""
         try:
             return await fut
         except Elsewhere as exc:
@@ -557,21 +598,28 @@ class Engine:
             moved = np.array([exc.moved.get(k, "") for k in keys])
             parts = [(lm, np.flatnonzero(moved == ""))]
             parts += [(t, np.flatnonzero(moved == v)) for v, t in targets.items() if t is not None]
-            futs, rows = [], []
-            for target, part in parts:
-                if not len(part):
-                    continue
-                f = frame if _same_inputs(target, lm) else self._frame(target, source)
-                sub = f if len(part) == len(keys) else F.take(f, part)
-                sk = keys if len(part) == len(keys) else [keys[i] for i in part.tolist()]
-                if target.retired_at is not None and target is not lm:
-                    # the store holds them: they are no new sessions there
-                    check_retired(target, lm.version, np.ones(len(sk), bool), sub.reset)
-                futs.append(self._submit(target, sub, sk, deadline))
-                rows.append((target.version, part))
-            if len(futs) == 1:
-                return await futs[0]
-            return await _merge(frame.ids, rows, futs)
+            futs, answered = [], []
+            try:
+                for target, part in parts:
+                    if not len(part):
+                        continue
+                    # rows of the whole request, decoded again for a version whose inputs differ
+                    f = whole if _same_inputs(target, base) else self._frame(target, source)
+                    mine = rows[part]
+                    sub = f if len(mine) == len(f) else F.take(f, mine)
+                    sk = keys if len(part) == len(keys) else [keys[i] for i in part.tolist()]
+                    if target.retired_at is not None and target is not lm:
+                        # the store holds them: they are no new sessions there
+                        check_retired(target, lm.version, np.ones(len(sk), bool), sub.reset)
+                    futs.append(self._submit(target, sub, sk, deadline))
+                    answered.append((target.version, part))
+                ids = [whole.ids[i] for i in rows.tolist()]
+                if len(futs) == 1:
+                    return await futs[0]
+                return await _merge(ids, answered, futs)
+            except Elsewhere as again:  # refused again: this is the answer, counted once
+                self._count(lm.label, "Step", again.code)
+                raise
 
     # -- forecast ------------------------------------------------------------------------------
 
@@ -592,12 +640,12 @@ class Engine:
         when the answer would not reach the client (checked before anything is applied)."""
         sampling = sampling or Sampling()
         lm = self._admit("Forecast", name, version)
-        lm = await self._locate(lm, name, version, principal, session_id)
+        lm, stored = await self._locate(lm, name, version, principal, session_id)
         try:
             m = lm.mv.manifest
             F.check_ids([session_id], 1)
             if lm.retired_at is not None:
-                held = lm.store.slot(session_key(principal, session_id)) is not None
+                held = stored or lm.store.slot(session_key(principal, session_id)) is not None
                 check_retired(lm, self._default_version(name), np.array([held]), np.zeros(1, bool))
             if not 1 <= horizon <= self.settings.max_forecast_horizon:
                 raise InvalidArgument(
@@ -642,6 +690,7 @@ class Engine:
             fut = lm.scheduler.submit_rollout(rollout)
             if lm.sync is not None:
                 fut = lm.sync.acked(fut, [rollout.key])
+                fut.add_done_callback(functools.partial(self._count_elsewhere, lm, "Forecast"))
         except ServiceError as exc:
             self._refused(lm, "Forecast", exc)
             raise
@@ -654,7 +703,7 @@ class Engine:
     ) -> tuple[ModelVersion, SessionStatus]:
         lm = self._admit("GetSession", name, version)
         key = session_key(principal, session_id)
-        lm = await self._locate(lm, name, version, principal, session_id)
+        lm, _ = await self._locate(lm, name, version, principal, session_id)
         try:
             F.check_ids([session_id], 1)
             status = lm.scheduler.status(key, session_id)
@@ -673,13 +722,14 @@ class Engine:
         self, method: str, kind: str, name: str, version: str, session_id: str, principal: str
     ) -> tuple[ModelVersion, SessionStatus]:
         lm = self._admit(method, name, version)
-        lm = await self._locate(lm, name, version, principal, session_id)
+        lm, _ = await self._locate(lm, name, version, principal, session_id)
         try:
             F.check_ids([session_id], 1)
             key = session_key(principal, session_id)
             fut = lm.scheduler.submit_op(kind, session_id, key, method)
             if lm.sync is not None:
                 fut = lm.sync.acked(fut, [key])
+                fut.add_done_callback(functools.partial(self._count_elsewhere, lm, method))
         except ServiceError as exc:
             self._refused(lm, method, exc)
             raise
@@ -705,6 +755,10 @@ class Engine:
         the versions loaded. Raises NotFound when there is no such directory,
         FailedPrecondition naming the reasons when a version or serving.toml is broken (the
         policy is then not applied, and serving goes on untouched)."""
+        async with self._control:
+            return await self._load(name, version, drain_s)
+
+    async def _load(self, name: str, version: str, drain_s: float) -> list[str]:
         model_dir = self.repository.root / name
         if not is_model_name(name) or not model_dir.is_dir():
             raise NotFound(f"model {name[:64]!r} not found in the repository")
@@ -815,6 +869,10 @@ class Engine:
         stays. A loaded version whose manifest changed is reloaded once no session is on it
         (checked as a new one; never with a shared store). Returns (labels loaded or reloaded,
         labels unloaded)."""
+        async with self._control:
+            return await self._poll(drain_s)
+
+    async def _poll(self, drain_s: float) -> tuple[list[str], list[str]]:
         loaded: list[str] = []
         before = {lm.label for lm in self.versions.loaded.values() if lm.retired_at is None}
         names: set[str] = set()
@@ -840,6 +898,12 @@ class Engine:
                     )  # fmt: skip
                 if lm.mv.key in self._reload_due and await self._reload(lm):
                     loaded.append(lm.label)
+            usable = [v for v, t in found.items() if self._poll_failed.get((name, v)) != t]
+            problems = serving.check(serving.version_policy.select(usable))
+            if problems and serving != self.versions.policy(name):
+                # labels that do not fit the file's own policy: the last valid file stays whole
+                self._policy_refused(model_dir, "; ".join(problems))
+                serving = self.versions.policy(name)
             while True:  # a version refused drops out, and the policy picks among the rest
                 usable = [v for v, t in found.items() if self._poll_failed.get((name, v)) != t]
                 selected = serving.version_policy.select(usable)
@@ -861,7 +925,8 @@ class Engine:
                 if errors:
                     logger.error("model %s: not loaded: %s", name, "; ".join(errors))
             problems = serving.check(selected)
-            if problems:
+            if problems and serving != self.versions.policy(name):
+                # a labelled version was refused: its versions as selected, the labels as were
                 self._policy_refused(model_dir, "; ".join(problems))
                 serving = Serving(
                     version_policy=serving.version_policy,
@@ -991,7 +1056,7 @@ class Engine:
         directory.mkdir(parents=True, exist_ok=True)
         total = 0
         async with self._snapshot_lock:  # one writer per file: periodic and final never overlap
-            for lm in self.models.values():
+            for lm in list(self.models.values()):  # versions may come and go meanwhile
                 path = self._snapshot_path(lm.mv.manifest)
                 assert path is not None
                 # Captured on the loop, between ticks: a consistent copy; written off the loop.
@@ -1032,6 +1097,11 @@ def _same_inputs(a: LoadedModel, b: LoadedModel) -> bool:
     """Whether a frame decoded and checked for b's model is one for a's too."""
     ma, mb = a.mv.manifest, b.mv.manifest
     return (ma.kind, ma.input_dim, ma.output_dim) == (mb.kind, mb.input_dim, mb.output_dim)
+
+
+def _moved(moving: dict[str, LoadedModel], key: str, fut: asyncio.Future[Any]) -> None:
+    _retrieve(fut)
+    moving.pop(key, None)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

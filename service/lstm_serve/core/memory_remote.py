@@ -23,8 +23,9 @@ specification; tests/core/test_remote_contract.py runs the same cases against bo
   does not hold is applied, and changes nothing);
 - the writes and claims of one call are applied in order, at once (as one script call);
 - per session id of the model, the version whose record it is: set (with the TTL) by every
-  write, deleted by a delete when it names this version; a claim of a session this version
-  does not hold says which other version holds it (Claim.elsewhere) and takes nothing;
+  write, deleted by a delete when it names this version; while it names another version, a
+  claim says which (Claim.elsewhere), takes nothing and deletes this version's record of the
+  id (superseded), and a write that is not a creation is fenced;
 - peek reads next_seq without claiming or refreshing the TTL;
 - every claim and write refreshes the session's TTL; an expired session is gone.
 
@@ -239,8 +240,11 @@ class MemoryRemote:
     def _claim_one(self, key: str, epoch: int, now: float) -> Claim:
         rec = self._live(self._key(key), now)
         wk, w = self._where(key, now)
+        if w is not None and w != self.own:
+            self.records.pop(self._key(key), None)  # superseded: it lives on version w
+            return Claim(epoch, 0, None, w)
         if rec is None:
-            return Claim(epoch, 0, None, w if w is not None and w != self.own else "")
+            return Claim(epoch, 0, None)
         rec.epoch = epoch
         rec.expires = now + self.ttl_s
         if w is not None:
@@ -254,13 +258,16 @@ class MemoryRemote:
     def _write_one(self, w: Write, state: State | None, now: float) -> bool:
         k = self._key(w.key)
         rec = self._live(k, now)
+        wk, holder = self._where(w.key, now)
         if w.version == 0:
             ok = rec is None
         else:
-            ok = rec is not None and rec.epoch == w.epoch and rec.version == w.version
+            ok = (
+                rec is not None and rec.epoch == w.epoch and rec.version == w.version
+                and holder in (None, self.own)
+            )  # fmt: skip
         if not ok:
             return False
-        wk, holder = self._where(w.key, now)
         if state is None:
             self.records.pop(k, None)
             if holder == self.own:

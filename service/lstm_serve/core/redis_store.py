@@ -43,23 +43,27 @@ REPLY_HEAD = struct.Struct("<qqQ?")  # seq, next_seq, digest, reset; then y as f
 
 # KEYS per session: its hash, its reply list, and the model's record of which version holds
 # the session id. ARGV: ttl_ms, this model version, then one new epoch per session. Out per
-# session: {} (not stored), {version} (stored under that other version: not claimed), or
-# version, h, c, y, next_seq, replies.
+# session: {} (not stored), {version} (the id lives on that other version: not claimed, and
+# this version's record of it, superseded, is deleted), or version, h, c, y, next_seq,
+# replies.
 CLAIM = """
 local out = {}
 local j = 3
 for i = 1, #KEYS, 3 do
   local k, rk, wk = KEYS[i], KEYS[i + 1], KEYS[i + 2]
   local v = redis.call('HMGET', k, 'v', 'h', 'c', 'y', 'n')
-  if v[2] then
+  local w = redis.call('GET', wk)
+  if w and w ~= ARGV[2] then
+    if v[2] then redis.call('DEL', k, rk) end
+    out[#out + 1] = {w}
+  elseif v[2] then
     redis.call('HSET', k, 'e', ARGV[j])
     redis.call('PEXPIRE', k, ARGV[1])
     redis.call('PEXPIRE', rk, ARGV[1])
     redis.call('PEXPIRE', wk, ARGV[1])
     out[#out + 1] = {v[1], v[2], v[3], v[4], v[5], redis.call('LRANGE', rk, 0, -1)}
   else
-    local w = redis.call('GET', wk)
-    if w and w ~= ARGV[2] then out[#out + 1] = {w} else out[#out + 1] = {} end
+    out[#out + 1] = {}
   end
   j = j + 1
 end
@@ -67,7 +71,8 @@ return out
 """
 
 # KEYS as CLAIM's. ARGV: ttl_ms, replies kept, this model version, then per session: op,
-# epoch, version, h, c, y, next_seq, clear, the number of replies, the replies.
+# epoch, version, h, c, y, next_seq, clear, the number of replies, the replies. A write that
+# follows a version (not a creation) is fenced once the id lives on another model version.
 WRITE = """
 local ttl, keep, own, a = ARGV[1], tonumber(ARGV[2]), ARGV[3], 4
 local out = {}
@@ -81,7 +86,8 @@ for i = 1, #KEYS, 3 do
     ok = redis.call('HEXISTS', k, 'h') == 0
   else
     local cur = redis.call('HMGET', k, 'e', 'v')
-    ok = cur[1] == ARGV[a + 1] and cur[2] == v
+    local w = redis.call('GET', wk)
+    ok = cur[1] == ARGV[a + 1] and cur[2] == v and (not w or w == own)
   end
   if not ok then
     out[#out + 1] = 0

@@ -85,6 +85,8 @@ class Versions:
         # name -> its serving.toml as last applied; name -> (canary version, its share)
         self.policies: dict[str, Serving] = {}
         self._canary: dict[str, tuple[LoadedModel, float]] = {}
+        # session key -> the version a reset moved it to, while its copy elsewhere is ended
+        self.moving: dict[str, LoadedModel] = {}
 
     def policy(self, name: str) -> Serving:
         return self.policies.get(name, DEFAULT)
@@ -193,18 +195,34 @@ class Versions:
         return self._others.get(name, [])
 
     def route(
-        self, default: LoadedModel, keys: list[str], reset: np.ndarray
+        self,
+        default: LoadedModel,
+        keys: list[str],
+        reset: np.ndarray,
+        once: np.ndarray | None = None,
     ) -> list[tuple[LoadedModel, np.ndarray]]:
         """Where the rows of a request that names no version go: [(version, rows)], the
-        default's first. A row goes to the version that holds its session; a row no version
-        holds, and every reset, to the default version or (its share of session ids) to the
-        canary."""
+        default's first. A row goes to the version that holds its session (or that a reset
+        is moving it to); a row no version holds, and every reset, to the default version or
+        (its share of session ids) to the canary. once: rows of one-request sessions (reset
+        and ended in the request: stateless calls), which always go to the default."""
         name = default.mv.manifest.name
         others = self.others(name)
         n = len(keys)
         on_default = (default.store.lookup(keys) >= 0) & ~reset
         todo = ~on_default & ~reset
         parts: list[tuple[LoadedModel, np.ndarray]] = []
+        if self.moving:  # rare: a reset onto another version is ending the session's copy
+            to: dict[int, list[int]] = {}
+            for i, k in enumerate(keys):
+                lm = self.moving.get(k)
+                if lm is not None and not reset[i] and self.loaded.get(lm.mv.key) is lm:
+                    to.setdefault(id(lm), []).append(i)
+                    on_default[i], todo[i] = lm is default, False
+            for idx in to.values():
+                lm = self.moving[keys[idx[0]]]
+                if lm is not default:
+                    parts.append((lm, np.array(idx, np.int64)))
         for lm in others:
             if not todo.any():
                 break
@@ -217,15 +235,17 @@ class Versions:
             taken[rows] = True
         canary = self._canary.get(name)
         if canary is not None:
-            fresh = np.flatnonzero(~taken & ~on_default)  # new sessions and resets
+            free = ~taken & ~on_default if once is None else ~taken & ~on_default & ~once
+            fresh = np.flatnonzero(free)  # new sessions and resets
             chosen = fresh[canary_rows(keys, fresh, canary[1])]
             if len(chosen):
                 taken[chosen] = True
-                merged = [p for p in parts if p[0] is canary[0]]
-                if merged:
-                    parts.remove(merged[0])
-                    chosen = np.sort(np.concatenate([merged[0][1], chosen]))
                 parts.append((canary[0], chosen))
+        if len(parts) > 1:  # one part per version, rows in request order
+            by: dict[int, tuple[LoadedModel, list[np.ndarray]]] = {}
+            for lm, rows in parts:
+                by.setdefault(id(lm), (lm, []))[1].append(rows)
+            parts = [(lm, np.sort(np.concatenate(rs))) for lm, rs in by.values()]
         return [(default, np.flatnonzero(~taken)), *parts]
 
 
