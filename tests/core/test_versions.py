@@ -24,7 +24,7 @@ from lstm_serve.core.jobs import StepResult
 from lstm_serve.core.probes import no_probes
 from lstm_serve.core.repository import load_repository
 from tests.helpers.engine import Settings
-from tests.helpers.models import add_version
+from tests.helpers.models import add_version, make_model_repo
 from tests.oracle.one_pass import OnePass
 
 ATOL = 1e-5
@@ -203,5 +203,26 @@ def test_two_loads_at_once_load_a_version_once(tiny_repo_copy: Path) -> None:
         res = await step(engine, "n", xs(8, 2))
         assert engine.models["tiny", "2"] is lm and lm.store.slot("n") is not None
         assert int(res.seq[0]) == 0
+
+    run(body, tiny_repo_copy)
+
+
+def test_a_request_over_versions_with_other_output_sizes_is_refused_unapplied(
+    tiny_repo_copy: Path,
+) -> None:
+    async def body(engine: Engine) -> None:
+        x = xs(9, 2)
+        await step(engine, "old", x[:1])
+        make_model_repo(tiny_repo_copy, version="2", output_dim=5, seed=3)  # needs torch
+        assert await engine.load("tiny", "2") == ["2"]
+        fr = F.from_rows(["old", "new"], [x[1:], x[1:]], np.full(2, F.APPEND), np.zeros(2, bool))
+        with pytest.raises(FailedPrecondition, match="different output sizes"):
+            await engine.submit_step("tiny", "", fr)
+        assert int(engine.models["tiny", "1"].store.next_seq[
+            engine.models["tiny", "1"].store.slot("old")
+        ]) == 1  # fmt: skip
+        assert engine.models["tiny", "2"].store.slot("new") is None
+        res = await step(engine, "new", x)  # alone, each goes on
+        assert np.asarray(res.y[0]).shape == (2, 5)
 
     run(body, tiny_repo_copy)

@@ -498,6 +498,13 @@ class Engine:
         once = None if frame.end is None else frame.reset & frame.end
         parts = self.versions.route(default, keys, frame.reset, once)
         dv = default.version
+        outs = {lm.mv.manifest.output_dim for lm, rows in parts if len(rows)}
+        if len(outs) > 1:  # one answer cannot hold outputs of several sizes
+            raise FailedPrecondition(
+                f"this request's sessions are on versions of model {default.mv.manifest.name!r} "
+                f"with different output sizes; send them in separate requests, or name the "
+                f"version"
+            )
         subs: list[tuple[LoadedModel, np.ndarray, F.Frame]] = []
         for lm, rows in parts:
             if not len(rows):
