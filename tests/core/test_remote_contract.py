@@ -45,14 +45,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(params=["memory", "redis"])
 def backend(request: pytest.FixtureRequest) -> Opener:
-    """opens(ttl_s=...) -> an async context of two connections (replicas) to one fresh
-    namespace of the store."""
+    """opens(ttl_s=..., versions=False) -> an async context of two connections (replicas) to
+    one fresh namespace of the store; with versions, to the stores of versions 1 and 2 of one
+    model."""
     if request.param == "memory":
 
         @asynccontextmanager
-        async def memory(ttl_s: float = 60.0) -> AsyncIterator[Pair]:
-            a = MemoryRemote(LAYERS, HIDDEN, OUT, ttl_s, REPLIES, namespace="contract")
-            b = a.peer()
+        async def memory(ttl_s: float = 60.0, versions: bool = False) -> AsyncIterator[Pair]:
+            if versions:
+                a = MemoryRemote(
+                    LAYERS, HIDDEN, OUT, ttl_s, REPLIES, namespace="contract:1",
+                    model="contract", version="1",
+                )  # fmt: skip
+                b = a.peer("contract:2", "2")
+            else:
+                a = MemoryRemote(LAYERS, HIDDEN, OUT, ttl_s, REPLIES, namespace="contract")
+                b = a.peer()
             yield a, b
             await a.close()
             await b.close()
@@ -61,45 +69,17 @@ def backend(request: pytest.FixtureRequest) -> Opener:
     url: str = request.getfixturevalue("redis_url")
 
     @asynccontextmanager
-    async def redis(ttl_s: float = 60.0) -> AsyncIterator[Pair]:
+    async def redis(ttl_s: float = 60.0, versions: bool = False) -> AsyncIterator[Pair]:
         from lstm_serve.core.redis_store import RedisRemote, connect
 
         space = f"contract-{uuid.uuid4().hex}"  # one fresh namespace per test
         ca, cb = connect(url, 5.0), connect(url, 5.0)
-        a = RedisRemote(ca, space, LAYERS, HIDDEN, OUT, ttl_s, REPLIES)
-        b = RedisRemote(cb, space, LAYERS, HIDDEN, OUT, ttl_s, REPLIES)
-        try:
-            yield a, b
-        finally:
-            await a.close()
-            await b.close()
-
-    return redis
-
-
-@pytest.fixture(params=["memory", "redis"])
-def versions(request: pytest.FixtureRequest) -> Opener:
-    """opens() -> an async context of two stores of one model: version 1's and version 2's."""
-    if request.param == "memory":
-
-        @asynccontextmanager
-        async def memory() -> AsyncIterator[Pair]:
-            a = MemoryRemote(
-                LAYERS, HIDDEN, OUT, 60.0, REPLIES, namespace="m:1", model="m", version="1"
-            )
-            yield a, a.peer("m:2", "2")
-
-        return memory
-    url: str = request.getfixturevalue("redis_url")
-
-    @asynccontextmanager
-    async def redis() -> AsyncIterator[Pair]:
-        from lstm_serve.core.redis_store import RedisRemote, connect
-
-        model = f"contract-{uuid.uuid4().hex}"
-        ca, cb = connect(url, 5.0), connect(url, 5.0)
-        a = RedisRemote(ca, f"{model}:1", LAYERS, HIDDEN, OUT, 60.0, REPLIES, model, "1")
-        b = RedisRemote(cb, f"{model}:2", LAYERS, HIDDEN, OUT, 60.0, REPLIES, model, "2")
+        if versions:
+            a = RedisRemote(ca, f"{space}:1", LAYERS, HIDDEN, OUT, ttl_s, REPLIES, space, "1")
+            b = RedisRemote(cb, f"{space}:2", LAYERS, HIDDEN, OUT, ttl_s, REPLIES, space, "2")
+        else:
+            a = RedisRemote(ca, space, LAYERS, HIDDEN, OUT, ttl_s, REPLIES)
+            b = RedisRemote(cb, space, LAYERS, HIDDEN, OUT, ttl_s, REPLIES)
         try:
             yield a, b
         finally:
@@ -478,7 +458,7 @@ def test_memory_remote_can_hold_writes_and_take_sessions_as_another_replica() ->
 
 
 def test_a_claim_on_another_version_says_where_the_session_is_and_takes_nothing(
-    versions: Opener,
+    backend: Opener,
 ) -> None:
     async def body(v1: Remote, v2: Remote) -> None:
         cl = await create(v1, "s", state(3, 1.0))
@@ -506,4 +486,4 @@ def test_a_claim_on_another_version_says_where_the_session_is_and_takes_nothing(
         (free,) = await v1.claim(["s"])
         assert free.state is None and free.elsewhere == ""
 
-    run(versions, body)
+    run(backend, body, versions=True)

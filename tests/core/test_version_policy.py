@@ -9,9 +9,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ import pytest
 from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.errors import FailedPrecondition, ServiceError
-from lstm_serve.core.jobs import StepResult
 from lstm_serve.core.policy import (
     BUCKETS,
     POLICY_FILE,
@@ -29,9 +26,7 @@ from lstm_serve.core.policy import (
     canary_rows,
     read_policy,
 )
-from lstm_serve.core.probes import no_probes
-from lstm_serve.core.repository import load_repository
-from tests.helpers.engine import Settings
+from tests.helpers.engine import run_engine, step_tiny
 from tests.helpers.models import add_version
 from tests.oracle.one_pass import OnePass
 
@@ -44,25 +39,6 @@ def xs(seed: int, n: int) -> np.ndarray:
 
 def write_policy(repo: Path, text: str) -> None:
     (repo / "tiny" / POLICY_FILE).write_text(text)
-
-
-def run(body: Callable[[Engine], Any], repo: Path, **settings: Any) -> None:
-    async def main() -> None:
-        engine = Engine(Settings(**settings), load_repository(repo), lambda label: no_probes())
-        await engine.start()
-        try:
-            await body(engine)
-        finally:
-            await engine.drain(10)
-            await engine.close()
-
-    asyncio.run(main())
-
-
-async def step(
-    engine: Engine, sid: str, x: np.ndarray, version: str = "", reset: bool = False
-) -> StepResult:
-    return await engine.submit_step("tiny", version, F.single(sid, x, None, reset))
 
 
 # -- the file ------------------------------------------------------------------------------------
@@ -133,7 +109,7 @@ def test_latest_one_loads_only_the_newest_at_start(tiny_repo_copy: Path) -> None
         assert sorted(k for k in engine.models if k[0] == "tiny") == [("tiny", "2")]
         assert ("tinytok", "1") in engine.models  # a model without the file: every version
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_stable_and_canary_split_new_sessions_and_keep_each_on_its_version(
@@ -157,19 +133,19 @@ def test_stable_and_canary_split_new_sessions_and_keep_each_on_its_version(
             np.testing.assert_allclose(res.y[i], ref, atol=ATOL)
         # each session goes on on its version, one at a time too
         for i in (0, 1, 2, 3):
-            r = await step(engine, ids[i], x[3:])
+            r = await step_tiny(engine, ids[i], x[3:])
             assert r.version == ("2" if to_canary[i] else "1")
             np.testing.assert_allclose(
                 r.y[0], (v2 if to_canary[i] else v1).run(x)[0][3:], atol=ATOL
             )
         # a reset is a new session: the same id lands on the same side, and nowhere else
         i = int(np.flatnonzero(to_canary)[0])
-        r = await step(engine, ids[i], x[:2], reset=True)
+        r = await step_tiny(engine, ids[i], x[:2], reset=True)
         assert r.version == "2" and int(r.seq[0]) == 0
         await asyncio.sleep(0.05)  # the ends of other copies run on their ticks
         assert engine.models["tiny", "1"].store.slot(ids[i]) is None
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_applying_the_file_moves_new_sessions_and_drains_what_it_drops(
@@ -180,19 +156,19 @@ def test_applying_the_file_moves_new_sessions_and_drains_what_it_drops(
 
     async def body(engine: Engine) -> None:
         x = xs(2, 4)
-        await step(engine, "old", x[:2], version="1")
+        await step_tiny(engine, "old", x[:2], version="1")
         write_policy(repo, "[labels]\nstable = 1\n")  # roll back: new sessions on 1
         assert await engine.load("tiny", drain_s=3600) == []
-        r = await step(engine, "new", x[:2])
+        r = await step_tiny(engine, "new", x[:2])
         assert r.version == "1"
         np.testing.assert_allclose(r.y[0], v1.run(x)[0][:2], atol=ATOL)
         write_policy(repo, "[version_policy]\nlatest = 1\n")  # roll forward; 1 drains
         assert await engine.load("tiny", drain_s=3600) == []
         assert engine.models["tiny", "1"].retired_at is not None
-        r = await step(engine, "old", x[2:])  # goes on on 1 during the drain
+        r = await step_tiny(engine, "old", x[2:])  # goes on on 1 during the drain
         assert r.version == "1"
         np.testing.assert_allclose(r.y[0], v1.run(x)[0][2:], atol=ATOL)
-        r = await step(engine, "fresh", x)
+        r = await step_tiny(engine, "fresh", x)
         assert r.version == "2"
         np.testing.assert_allclose(r.y[0], v2.run(x)[0], atol=ATOL)
         write_policy(repo, "[labels]\nstable = 7\n")  # a broken file changes nothing
@@ -201,7 +177,7 @@ def test_applying_the_file_moves_new_sessions_and_drains_what_it_drops(
         assert engine.versions.policy("tiny").version_policy.latest == 1
         assert engine.models["tiny", "1"].retired_at is not None
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_polls_follow_the_file_and_pass_over_a_broken_newest_version(
@@ -222,7 +198,7 @@ def test_polls_follow_the_file_and_pass_over_a_broken_newest_version(
         assert await engine.poll(drain_s=3600) == (["tiny:1"], [])
         assert engine.get_model("tiny").manifest.version == "1"
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_a_restart_keeps_sessions_on_a_version_the_policy_no_longer_loads(
@@ -234,23 +210,23 @@ def test_a_restart_keeps_sessions_on_a_version_the_policy_no_longer_loads(
     x = xs(3, 5)
 
     async def before(engine: Engine) -> None:
-        await step(engine, "old", x[:3])
+        await step_tiny(engine, "old", x[:3])
         add_version(repo, "2")
         write_policy(repo, "[version_policy]\nlatest = 1\n")
 
     async def after(engine: Engine) -> None:
         lm = engine.models["tiny", "1"]
         assert lm.retired_at is not None  # loaded for its sessions only
-        r = await step(engine, "old", x[3:])
+        r = await step_tiny(engine, "old", x[3:])
         assert r.version == "1" and int(r.seq[0]) == 3
         np.testing.assert_allclose(r.y[0], v1.run(x)[0][3:], atol=ATOL)
-        assert (await step(engine, "new", x)).version == "2"
+        assert (await step_tiny(engine, "new", x)).version == "2"
         await engine.end_session("tiny", "", "old")
         assert engine.reap_versions() == ["tiny:1"]
         assert not (snaps / "tiny-1.npz").exists()  # a restart must not bring it back
 
-    run(before, repo, snapshot_dir=snaps)
-    run(after, repo, snapshot_dir=snaps)
+    run_engine(before, repo, snapshot_dir=snaps)
+    run_engine(after, repo, snapshot_dir=snaps)
     assert sorted(p.name for p in snaps.iterdir() if p.name.startswith("tiny-")) == ["tiny-2.npz"]
 
 
@@ -272,18 +248,18 @@ def test_a_changed_version_reloads_once_no_session_is_on_it(tiny_repo_copy: Path
     async def body(engine: Engine) -> None:
         x = xs(4, 4)
         assert await engine.poll() == ([], [])
-        await step(engine, "s", x[:2])
+        await step_tiny(engine, "s", x[:2])
         new = change_in_place()
         assert await engine.poll() == ([], [])  # s is on it: it serves as loaded
-        r = await step(engine, "s", x[2:])
+        r = await step_tiny(engine, "s", x[2:])
         np.testing.assert_allclose(r.y[0], v1.run(x)[0][2:], atol=ATOL)
         await engine.end_session("tiny", "", "s")
         assert await engine.poll() == (["tiny:1"], [])  # free now: reloaded
-        r = await step(engine, "t", x)
+        r = await step_tiny(engine, "t", x)
         np.testing.assert_allclose(r.y[0], new.run(x)[0], atol=ATOL)
         assert await engine.poll() == ([], [])
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_a_reset_onto_the_canary_moves_the_session_only_once_it_is_applied(
@@ -295,13 +271,13 @@ def test_a_reset_onto_the_canary_moves_the_session_only_once_it_is_applied(
 
     async def body(engine: Engine) -> None:
         x = xs(6, 5)
-        await step(engine, "s", x[:3], version="1")
+        await step_tiny(engine, "s", x[:3], version="1")
         # a reset that is refused (its deadline passed before its turn) moves nothing
         with pytest.raises(ServiceError):
             await engine.submit_step(
                 "tiny", "", F.single("s", x[3:4], None, True), deadline=time.monotonic() - 1
             )
-        r = await step(engine, "s", x[3:4])
+        r = await step_tiny(engine, "s", x[3:4])
         assert r.version == "1" and int(r.seq[0]) == 3
         np.testing.assert_allclose(r.y[0], v1.run(x[:4])[0][3:], atol=ATOL)
         # a reset and the next step sent at once: both on 2, one history, nothing on 1 after
@@ -315,7 +291,7 @@ def test_a_reset_onto_the_canary_moves_the_session_only_once_it_is_applied(
         assert engine.models["tiny", "1"].store.slot("s") is None
         assert not engine.versions.moving
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_stateless_rows_go_to_the_default_never_the_canary(tiny_repo_copy: Path) -> None:
@@ -332,4 +308,4 @@ def test_stateless_rows_go_to_the_default_never_the_canary(tiny_repo_copy: Path)
         got = {lm.version: rows.tolist() for lm, rows in parts if len(rows)}
         assert got == {"1": [0], "2": [1, 2]}
 
-    run(body, repo)
+    run_engine(body, repo)

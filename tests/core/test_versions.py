@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -21,9 +19,7 @@ from lstm_serve.core import frame as F
 from lstm_serve.core.engine import Engine
 from lstm_serve.core.errors import FailedPrecondition, NotFound
 from lstm_serve.core.jobs import StepResult
-from lstm_serve.core.probes import no_probes
-from lstm_serve.core.repository import load_repository
-from tests.helpers.engine import Settings
+from tests.helpers.engine import run_engine, step_tiny
 from tests.helpers.models import add_version, make_model_repo
 from tests.oracle.one_pass import OnePass
 
@@ -32,26 +28,6 @@ ATOL = 1e-5
 
 def xs(seed: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)
-
-
-def run(body: Callable[[Engine], Any], repo: Path) -> None:
-    async def main() -> None:
-        engine = Engine(Settings(), load_repository(repo), lambda label: no_probes())
-        await engine.start()
-        try:
-            await body(engine)
-        finally:
-            await engine.drain(10)
-            await engine.close()
-
-    asyncio.run(main())
-
-
-async def step(
-    engine: Engine, sid: str, x: np.ndarray, version: str = "", seq: int | None = None,
-    reset: bool = False,
-) -> StepResult:  # fmt: skip
-    return await engine.submit_step("tiny", version, F.single(sid, x, seq, reset))
 
 
 def y_of(res: StepResult) -> np.ndarray:
@@ -66,15 +42,15 @@ def test_a_version_added_while_serving_takes_new_sessions_and_old_ones_stay(
 
     async def body(engine: Engine) -> None:
         x = xs(1, 6)
-        await step(engine, "old", x[:3])
+        await step_tiny(engine, "old", x[:3])
         v2dir = add_version(repo, "2")
         v2 = OnePass(v2dir)
         assert await engine.load("tiny") == ["2"]
         assert engine.get_model("tiny").manifest.version == "2"
-        res = await step(engine, "old", x[3:])  # names no version: stays on 1
+        res = await step_tiny(engine, "old", x[3:])  # names no version: stays on 1
         np.testing.assert_allclose(y_of(res), v1.run(x)[0][3:], atol=ATOL)
         assert int(res.seq[0]) == 3
-        res = await step(engine, "new", x)  # a new session: the default, 2
+        res = await step_tiny(engine, "new", x)  # a new session: the default, 2
         np.testing.assert_allclose(y_of(res), v2.run(x)[0], atol=ATOL)
         assert engine.models["tiny", "1"].store.slot("new") is None
         assert engine.models["tiny", "2"].store.slot("old") is None
@@ -93,10 +69,10 @@ def test_a_version_added_while_serving_takes_new_sessions_and_old_ones_stay(
         np.testing.assert_allclose(res.y[1], v1.run(np.concatenate([x, z]))[0][6:], atol=ATOL)
         np.testing.assert_allclose(res.y[2], v2.run(z)[0], atol=ATOL)
         # naming the version still reaches it
-        res = await step(engine, "pinned", z, version="1")
+        res = await step_tiny(engine, "pinned", z, version="1")
         np.testing.assert_allclose(y_of(res), v1.run(z)[0], atol=ATOL)
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_unloading_drains_then_refuses_and_a_reset_moves_the_session(tiny_repo_copy: Path) -> None:
@@ -105,16 +81,16 @@ def test_unloading_drains_then_refuses_and_a_reset_moves_the_session(tiny_repo_c
 
     async def body(engine: Engine) -> None:
         x = xs(3, 4)
-        await step(engine, "s", x[:2], version="1")
+        await step_tiny(engine, "s", x[:2], version="1")
         assert engine.unload("tiny", "1", drain_s=3600) == ["1"]
         assert engine.get_model("tiny").manifest.version == "2"
         with pytest.raises(FailedPrecondition, match="'1' is being unloaded and starts no new"):
-            await step(engine, "other", x, version="1")
-        res = await step(engine, "s", x[2:3])  # goes on until the deadline
+            await step_tiny(engine, "other", x, version="1")
+        res = await step_tiny(engine, "s", x[2:3])  # goes on until the deadline
         assert int(res.next_seq[0]) == 3
         engine.models["tiny", "1"].drain_deadline = 0.0  # the deadline passed
         with pytest.raises(FailedPrecondition, match="'1' was unloaded; send the session's next"):
-            await step(engine, "s", x[3:])
+            await step_tiny(engine, "s", x[3:])
         assert (
             int(
                 engine.models["tiny", "1"].store.next_seq[
@@ -123,7 +99,7 @@ def test_unloading_drains_then_refuses_and_a_reset_moves_the_session(tiny_repo_c
             )
             == 3
         )
-        res = await step(engine, "s", x[3:], reset=True)  # starts again on 2
+        res = await step_tiny(engine, "s", x[3:], reset=True)  # starts again on 2
         assert int(res.seq[0]) == 0 and engine.models["tiny", "2"].store.slot("s") is not None
         for _ in range(50):  # the copy on 1 ends; then 1 is freed
             await asyncio.sleep(0.01)
@@ -134,7 +110,7 @@ def test_unloading_drains_then_refuses_and_a_reset_moves_the_session(tiny_repo_c
             mv.manifest.version for mv in engine.list_models() if mv.manifest.name == "tiny"
         ] == ["2"]
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_a_broken_version_is_refused_with_its_reason_and_serving_goes_on(
@@ -143,13 +119,13 @@ def test_a_broken_version_is_refused_with_its_reason_and_serving_goes_on(
     repo = tiny_repo_copy
 
     async def body(engine: Engine) -> None:
-        await step(engine, "a", xs(4, 2))
+        await step_tiny(engine, "a", xs(4, 2))
         add_version(repo, "2", sha="0" * 64)
         with pytest.raises(FailedPrecondition, match="sha256"):
             await engine.load("tiny", "2")
         assert ("tiny", "2") not in engine.models
         assert engine.get_model("tiny").manifest.version == "1"
-        res = await step(engine, "a", xs(5, 1))
+        res = await step_tiny(engine, "a", xs(5, 1))
         assert int(res.seq[0]) == 2
         with pytest.raises(NotFound):
             await engine.load("nope")
@@ -158,20 +134,20 @@ def test_a_broken_version_is_refused_with_its_reason_and_serving_goes_on(
         with pytest.raises(NotFound):
             engine.unload("tiny", "9")
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_unloading_every_version_then_loading_again(tiny_repo_copy: Path) -> None:
     async def body(engine: Engine) -> None:
-        await step(engine, "a", xs(6, 2))
+        await step_tiny(engine, "a", xs(6, 2))
         engine.unload("tiny", drain_s=3600)
         with pytest.raises(NotFound, match="no version serving new sessions"):
-            await step(engine, "b", xs(6, 1))
+            await step_tiny(engine, "b", xs(6, 1))
         assert await engine.load("tiny", "1") == ["1"]  # taken back, its sessions kept
-        res = await step(engine, "a", xs(7, 1))
+        res = await step_tiny(engine, "a", xs(7, 1))
         assert int(res.seq[0]) == 2
 
-    run(body, tiny_repo_copy)
+    run_engine(body, tiny_repo_copy)
 
 
 def test_polling_loads_new_versions_and_unloads_removed_ones(tiny_repo_copy: Path) -> None:
@@ -191,7 +167,7 @@ def test_polling_loads_new_versions_and_unloads_removed_ones(tiny_repo_copy: Pat
         with pytest.raises(NotFound):
             await engine.load("tiny", "../tiny/1")
 
-    run(body, repo)
+    run_engine(body, repo)
 
 
 def test_two_loads_at_once_load_a_version_once(tiny_repo_copy: Path) -> None:
@@ -200,11 +176,11 @@ def test_two_loads_at_once_load_a_version_once(tiny_repo_copy: Path) -> None:
         first, second = await asyncio.gather(engine.load("tiny", "2"), engine.load("tiny", "2"))
         assert sorted([first, second]) == [[], ["2"]]
         lm = engine.models["tiny", "2"]
-        res = await step(engine, "n", xs(8, 2))
+        res = await step_tiny(engine, "n", xs(8, 2))
         assert engine.models["tiny", "2"] is lm and lm.store.slot("n") is not None
         assert int(res.seq[0]) == 0
 
-    run(body, tiny_repo_copy)
+    run_engine(body, tiny_repo_copy)
 
 
 def test_a_request_over_versions_with_other_output_sizes_is_refused_unapplied(
@@ -212,7 +188,7 @@ def test_a_request_over_versions_with_other_output_sizes_is_refused_unapplied(
 ) -> None:
     async def body(engine: Engine) -> None:
         x = xs(9, 2)
-        await step(engine, "old", x[:1])
+        await step_tiny(engine, "old", x[:1])
         make_model_repo(tiny_repo_copy, version="2", output_dim=5, seed=3)  # needs torch
         assert await engine.load("tiny", "2") == ["2"]
         fr = F.from_rows(["old", "new"], [x[1:], x[1:]], np.full(2, F.APPEND), np.zeros(2, bool))
@@ -222,7 +198,7 @@ def test_a_request_over_versions_with_other_output_sizes_is_refused_unapplied(
             engine.models["tiny", "1"].store.slot("old")
         ]) == 1  # fmt: skip
         assert engine.models["tiny", "2"].store.slot("new") is None
-        res = await step(engine, "new", x)  # alone, each goes on
+        res = await step_tiny(engine, "new", x)  # alone, each goes on
         assert np.asarray(res.y[0]).shape == (2, 5)
 
-    run(body, tiny_repo_copy)
+    run_engine(body, tiny_repo_copy)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from lstm_serve.core import frame as F
+from lstm_serve.core.engine import Engine
+from lstm_serve.core.jobs import StepResult
+from lstm_serve.core.probes import no_probes
+from lstm_serve.core.repository import load_repository
 from lstm_serve.core.runtime import Device
 from lstm_serve.core.store import CapPolicy
 from lstm_serve.core.sync import AnswerMode
@@ -37,3 +47,27 @@ class Settings:
     state_answer: AnswerMode = AnswerMode.acked
     state_store_timeout_s: float = 2.0
     state_replies: int = 8
+
+
+def run_engine(body: Callable[[Engine], Awaitable[Any]], repo: Path, **settings: Any) -> None:
+    """Start an Engine (no gRPC) on repo with these Settings fields changed, run body with it,
+    then drain and close it."""
+
+    async def main() -> None:
+        engine = Engine(Settings(**settings), load_repository(repo), lambda label: no_probes())
+        await engine.start()
+        try:
+            await body(engine)
+        finally:
+            await engine.drain(10)
+            await engine.close()
+
+    asyncio.run(main())
+
+
+async def step_tiny(
+    engine: Engine, sid: str, x: np.ndarray, version: str = "", seq: int | None = None,
+    reset: bool = False,
+) -> StepResult:  # fmt: skip
+    """One request of one session on the tiny model."""
+    return await engine.submit_step("tiny", version, F.single(sid, x, seq, reset))

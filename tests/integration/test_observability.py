@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,46 +15,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from lstm_serve.client import Client, session_steps, step_request
 from lstm_serve.core.runtime import choose_device
+from tests.helpers.metrics import eventually, scrape, value
 from tests.helpers.server import ServerThread, xs
 
 SERVICE = "lstm_serve.v1.LstmServe"
 TINY = {"model": "tiny:1"}
 PREDICT = {"grpc_service": SERVICE, "grpc_method": "Predict", "grpc_type": "unary"}
 STREAM = {"grpc_service": SERVICE, "grpc_method": "Stream", "grpc_type": "bidi_stream"}
-
-Samples = list[tuple[str, dict[str, str], float]]
-
-
-def scrape(srv: ServerThread) -> Samples:
-    with urllib.request.urlopen(srv.metrics_url, timeout=10) as resp:
-        assert resp.status == 200
-        text = resp.read().decode()
-    return [
-        (s.name, dict(s.labels), float(s.value))
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    ]
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples called name whose labels include `labels` (0 when there are none)."""
-    return sum(
-        v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())
-    )
-
-
-def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
 
 # -- metrics ---------------------------------------------------------------------------------
 

@@ -19,13 +19,13 @@ import pytest
 from lstm_serve.client import Client
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
+from tests.helpers.metrics import Samples, scrape, value
 from tests.helpers.models import add_version
 from tests.helpers.server import ServerThread, code_of, serve, xs
 from tests.integration.test_http import call, step
 from tests.integration.test_kserve import TRITON_PYTHON, need_triton_client
 from tests.integration.test_kserve_protocol import infer
 from tests.integration.test_model_control import SCRIPT, load
-from tests.integration.test_observability import Samples, scrape, value
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 # One version's figures, flat: "inference_count", "execution_count", "success.count", ...

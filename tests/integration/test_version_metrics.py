@@ -7,35 +7,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lstm_serve.client import Client
 from lstm_serve.server.pb import grpc_service_pb2 as ipb
 from lstm_serve.server.pb import grpc_service_pb2_grpc as ipb_grpc
+from tests.helpers.metrics import Samples, eventually, scrape
 from tests.helpers.models import add_version
 from tests.helpers.server import ServerThread, code_of, serve, xs
 
 VERSIONS = "lstm_serve_model_versions"
 FAILURES = "lstm_serve_model_load_failures_total"
-
-Samples = list[tuple[str, dict[str, str], float]]
-
-
-def scrape(srv: ServerThread) -> Samples:
-    with urllib.request.urlopen(srv.metrics_url, timeout=10) as resp:
-        assert resp.status == 200
-        text = resp.read().decode()
-    return [
-        (s.name, dict(s.labels), float(s.value))
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    ]
 
 
 def series(samples: Samples, name: str) -> dict[tuple[str, ...], float]:
@@ -59,15 +45,6 @@ def failures(srv: ServerThread) -> dict[str, float]:
 def models_in_series(samples: Samples) -> set[str]:
     """Every `model` label value of the scrape."""
     return {labels["model"] for _, labels, _ in samples if "model" in labels}
-
-
-def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def stub(srv: ServerThread) -> ipb_grpc.GRPCInferenceServiceStub:
@@ -174,7 +151,7 @@ def test_a_broken_version_found_by_poll_counts_once_per_change(tiny_repo_copy: P
         model_repository=tiny_repo_copy, model_control="poll", model_poll_s=0.1
     ) as srv:
         add_version(tiny_repo_copy, "2", sha="0" * 64)
-        assert eventually(lambda: failures(srv)["tiny"] == 1), failures(srv)
+        assert eventually(lambda: failures(srv)["tiny"] == 1, 10.0), failures(srv)
         time.sleep(0.5)  # polls go on: a manifest that did not change is not tried again
         assert failures(srv)["tiny"] == 1
         assert versions(srv)[("tiny", "serving")] == 1

@@ -35,6 +35,7 @@ from lstm_serve.core.policy import (
     Serving,
     policy_mtime,
     read_policy,
+    resolve,
 )
 from lstm_serve.core.probes import Probes
 from lstm_serve.core.remote import StoreDown
@@ -214,11 +215,7 @@ class Engine:
         for name in sorted(self.repository.models):
             found = self.repository.models.pop(name)  # versions.add puts back what loads
             try:
-                serving = read_policy(root / name)
-                selected = serving.version_policy.select(list(found))
-                problems = serving.check(selected)
-                if problems:
-                    raise PolicyError(f"{root / name / POLICY_FILE}: " + "; ".join(problems))
+                serving, selected = resolve(root / name, list(found))
             except PolicyError as exc:
                 logger.error("model %s not loaded: %s", name, exc)
                 self.repository.errors.append(LoadError(root / name, POLICY_FILE, str(exc)))
@@ -599,12 +596,14 @@ class Engine:
         except Elsewhere as exc:
             name = lm.mv.manifest.name
             targets = {v: self.versions.loaded.get((name, v)) for v in set(exc.moved.values())}
-            if any(t is None for t in targets.values()):
-                self._count(lm.label, "Step", exc.code)
-                raise
             moved = np.array([exc.moved.get(k, "") for k in keys])
             parts = [(lm, np.flatnonzero(moved == ""))]
             parts += [(t, np.flatnonzero(moved == v)) for v, t in targets.items() if t is not None]
+            outs = {t.mv.manifest.output_dim for t, part in parts if len(part)}
+            if any(t is None for t in targets.values()) or len(outs) > 1:
+                # not here, or one answer cannot hold outputs of several sizes
+                self._count(lm.label, "Step", exc.code)
+                raise
             futs, answered = [], []
             try:
                 for target, part in parts:
@@ -776,17 +775,10 @@ class Engine:
             serving: Serving | None = None
         else:
             try:
-                serving = read_policy(model_dir)
+                serving, selected = resolve(model_dir, [d.name for d in version_dirs(model_dir)])
             except PolicyError as exc:
                 self._load_failed(name, str(exc))
                 raise FailedPrecondition(f"model {name!r} not loaded: {exc}") from None
-            selected = serving.version_policy.select([d.name for d in version_dirs(model_dir)])
-            problems = serving.check(selected)
-            if problems:
-                self._load_failed(name, "; ".join(problems))
-                raise FailedPrecondition(
-                    f"model {name!r} not loaded: {model_dir / POLICY_FILE}: " + "; ".join(problems)
-                )
             loaded, errors = await self._load_versions(name, selected)
         if loaded:
             self._versions_changed()

@@ -121,6 +121,17 @@ def read_policy(model_dir: Path) -> Serving:
         raise PolicyError(f"{path}: {why}") from None
 
 
+def resolve(model_dir: Path, versions: list[str]) -> tuple[Serving, list[str]]:
+    """The model's serving.toml and which of versions it selects; PolicyError when the file
+    is invalid or its labels name versions it does not select."""
+    serving = read_policy(model_dir)
+    selected = serving.version_policy.select(versions)
+    problems = serving.check(selected)
+    if problems:
+        raise PolicyError(f"{model_dir / POLICY_FILE}: " + "; ".join(problems))
+    return serving, selected
+
+
 def policy_mtime(model_dir: Path) -> float | None:
     """When serving.toml last changed (None: there is none), for polls to notice edits."""
     try:

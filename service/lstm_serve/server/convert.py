@@ -154,17 +154,16 @@ def step_response(
     m = mv.manifest
     token = m.kind is Kind.token
     resp = pb.StepResponse(request_id=request_id, model=_model_ref(m.name, r.version or m.version))
-    if r.versions is not None:  # sessions on several versions: name each one's
-        _per_version(resp, r, token, k, columnar)
-        return resp
     if columnar:
-        y = r.y
-        assert isinstance(y, np.ndarray)
+        # one array, or (sessions on several versions, of one output size) one per session
+        y = r.y if isinstance(r.y, np.ndarray) else np.stack(r.y)
         out = resp.frame
         out.steps = y.shape[1]
         out.seqs.extend(r.seq.tolist())
         out.next_seqs.extend(r.next_seq.tolist())
         out.replayed.extend(r.replayed.tolist())
+        if r.versions is not None:
+            out.versions.extend(r.versions)
         if token and k > 0:
             idx, part = _top_k(y, k)
             out.top_k_tokens.extend(idx.ravel().tolist())
@@ -180,48 +179,18 @@ def step_response(
             replayed=rep[0], y=yi.astype(F32, copy=False).tobytes(),
         )  # fmt: skip
         return resp
-    for i, sid in enumerate(r.ids):
-        yi = r.y[i]
-        o = resp.sessions.add(
-            session_id=sid, seq=seq[i], next_seq=nxt[i], steps=yi.shape[0], replayed=rep[i]
-        )
-        if token and k > 0:
-            o.top_k.extend(top_k(yi, k))
-        else:
-            o.y = yi.astype(F32, copy=False).tobytes()
-    return resp
-
-
-def _per_version(resp: pb.StepResponse, r: StepResult, token: bool, k: int, columnar: bool) -> None:
-    """The answer to a request whose sessions ran on several versions (their output shapes
-    may differ, so each session's y is encoded on its own)."""
-    assert r.versions is not None
-    if columnar:
-        out = resp.frame
-        out.steps = r.y[0].shape[0] if len(r.y) else 0
-        out.seqs.extend(r.seq.tolist())
-        out.next_seqs.extend(r.next_seq.tolist())
-        out.replayed.extend(r.replayed.tolist())
-        out.versions.extend(r.versions)
-        if token and k > 0:
-            for yi in r.y:
-                idx, part = _top_k(np.asarray(yi)[None], k)
-                out.top_k_tokens.extend(idx.ravel().tolist())
-                out.top_k_probs.extend(part.ravel().tolist())
-        else:
-            out.y = b"".join(np.asarray(yi).astype(F32, copy=False).tobytes() for yi in r.y)
-        return
-    seq, nxt, rep = r.seq.tolist(), r.next_seq.tolist(), r.replayed.tolist()
+    versions = r.versions or [""] * len(seq)  # named per session only when they differ
     for i, sid in enumerate(r.ids):
         yi = r.y[i]
         o = resp.sessions.add(
             session_id=sid, seq=seq[i], next_seq=nxt[i], steps=yi.shape[0], replayed=rep[i],
-            version=r.versions[i],
+            version=versions[i],
         )  # fmt: skip
         if token and k > 0:
             o.top_k.extend(top_k(yi, k))
         else:
             o.y = yi.astype(F32, copy=False).tobytes()
+    return resp
 
 
 def forecast_response(mv: ModelVersion, r: ForecastResult) -> pb.ForecastResponse:
