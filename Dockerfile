@@ -36,10 +36,14 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
+# The gpu extra (CuPy) keeps every session's h and c in GPU memory (LSTM_SERVE_STATE_ON_DEVICE).
+# ".[gpu]" is this project with an extra, not a registry package to pin.
+# hadolint ignore=DL3013
 RUN pip install "onnxruntime-gpu==${ONNXRUNTIME_VERSION}" \
-    && pip install . \
+    && pip install ".[gpu]" \
     && pip check \
-    && python -c "import onnxruntime; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers()"
+    && python -c "import onnxruntime; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers()" \
+    && python -c "import cupy"
 
 # ---------------------------------------------------------------------------------------------
 # CUDA runtime image: `docker build --target cuda`. Run with the NVIDIA container runtime

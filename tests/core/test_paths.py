@@ -5,7 +5,9 @@ and store.record); everything else on the general path (batch.build, commit.comm
 sequences of requests (new sessions, appends, retries with the same or other inputs, gaps,
 resets, ends, frames of several sessions, the session cap) go to two schedulers over the same
 runtime, one with the scalar path and one without; every answer, error and session's state
-must be equal, bit for bit (the same rows reach the same runtime in both).
+must be equal, bit for bit (the same rows reach the same runtime in both). A third scheduler
+keeps its state "on a device" (tests/helpers/device.py: the CUDA path's code over a stand-in
+for CuPy) and must agree too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lstm_serve.core.probes import no_probes
 from lstm_serve.core.replay import ReplayCache
 from lstm_serve.core.scheduler import Scheduler
 from lstm_serve.core.store import CapPolicy, SessionStore
+from tests.helpers.device import OnDevice, device_arrays
 
 LAYERS, HIDDEN, IN, OUT = 1, 4, 2, 2
 POOL = ["a", "b", "c", "d"]
@@ -85,10 +88,15 @@ class Side:
     """One side of the comparison: a scheduler and what the client side remembers (each
     session's next seq as last answered, and its requests, to retry them)."""
 
-    def __init__(self, scalar: bool, policy: CapPolicy) -> None:
-        store = SessionStore(CAPACITY, LAYERS, HIDDEN, OUT)
+    def __init__(self, scalar: bool, policy: CapPolicy, device: bool = False) -> None:
+        if device:
+            store = SessionStore(CAPACITY, LAYERS, HIDDEN, OUT, device_arrays())
+            runtime: Any = OnDevice(NumpyLstm())
+        else:
+            store = SessionStore(CAPACITY, LAYERS, HIDDEN, OUT)
+            runtime = NumpyLstm()
         self.sched = Scheduler(
-            NumpyLstm(),
+            runtime,
             store,
             ReplayCache(1 << 20),
             no_probes(),
@@ -160,34 +168,41 @@ def _outcome(res: Any) -> tuple[Any, ...]:
     return ("status", res.session_id, res.exists, res.next_seq)
 
 
+READS = [0]  # sessions _state read from the device side
+
+
 def _state(sched: Scheduler) -> dict[str, tuple[Any, ...]]:
     store = sched.store
     out = {}
     for sid in POOL:
         slot = store.slot(sid)
         if slot is not None:
+            READS[0] += store.arrays.resident
+            h, c = store.read_state(np.array([slot]))
             out[sid] = (
                 int(store.next_seq[slot]),
-                store.h[:, slot].tobytes(),
-                store.c[:, slot].tobytes(),
+                h.tobytes(),
+                c.tobytes(),
                 store.last_y[slot].tobytes(),
             )
     return out
 
 
 async def _drive(op_list: list[Op], policy: CapPolicy) -> tuple[int, int]:
-    scalar, general = Side(True, policy), Side(False, policy)
+    scalar, general, device = Side(True, policy), Side(False, policy), Side(True, policy, True)
+    sides = (scalar, general, device)
+    READS[0] = 0
     history: dict[str, list[tuple[int, np.ndarray, bool]]] = {}
     nxt: dict[str, int] = {}
     for op in op_list:
         results = []
         if op.kind in ("reset", "end"):
-            for side in (scalar, general):
+            for side in sides:
                 fut = side.sched.submit_op(op.kind, op.sids[0], op.sids[0], op.kind)
                 results.append(await _settle(fut))
         else:
             xs, seqs = _request(op, history, nxt)
-            for side in (scalar, general):
+            for side in sides:
                 ticks = side.sched.ticks
                 fut = side.sched.submit_step(_frame(op, xs, seqs), list(op.sids), None)
                 results.append(await _settle(fut))
@@ -198,15 +213,18 @@ async def _drive(op_list: list[Op], policy: CapPolicy) -> tuple[int, int]:
                     if not ok.replayed[i]:
                         history.setdefault(sid, []).append((int(ok.seq[i]), xs[i], seqs[i][1]))
                     nxt[sid] = int(ok.next_seq[i])
-        a, b = (_outcome(r) for r in results)
-        assert a == b, (op, a, b)
-        assert _state(scalar.sched) == _state(general.sched), op
+        a, b, d = (_outcome(r) for r in results)
+        assert a == b == d, (op, a, b, d)
+        assert _state(scalar.sched) == _state(general.sched) == _state(device.sched), op
         if op.kind == "end" or op.end or isinstance(results[0], BaseException):
             for sid in op.sids:
                 if scalar.sched.store.slot(sid) is None:
                     nxt.pop(sid, None)
                     history.pop(sid, None)
     assert general.scalar_answers == 0
+    assert device.scalar_answers == scalar.scalar_answers
+    # Nothing of the device's state went to the host but what _state read (h and c a session).
+    assert device.sched.store.arrays.moved["calls"] == 2 * READS[0], device.sched.store.arrays.moved
     return scalar.scalar_answers, len(op_list)
 
 

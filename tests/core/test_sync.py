@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from lstm_serve.core import frame as F
+from lstm_serve.core import runtime as R
 from lstm_serve.core.engine import Engine, LoadedModel
 from lstm_serve.core.errors import FailedPrecondition, ServiceError, Unavailable
 from lstm_serve.core.jobs import SessionStatus, StepResult
@@ -33,6 +34,7 @@ from lstm_serve.core.probes import no_probes
 from lstm_serve.core.repository import load_repository
 from lstm_serve.core.store import CapPolicy
 from lstm_serve.core.sync import AnswerMode, StateSync
+from tests.helpers.device import device_arrays
 from tests.helpers.engine import Settings
 from tests.oracle.one_pass import OnePass
 
@@ -727,5 +729,39 @@ def test_closing_the_engine_closes_every_models_scheduler(tiny_repo: Path) -> No
             except Unavailable:
                 pass
         assert open_ == []
+
+    run(body)
+
+
+def test_device_state_is_written_in_one_read_and_continues_on_another_replica(
+    tiny_repo: Path, oracle: OnePass, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With h and c on a device (tests/helpers/device.py), a write of a frame's sessions reads
+    them in one copy of h and one of c; another replica loads them in one copy each and
+    continues them as one pass."""
+    arrays = device_arrays()
+    monkeypatch.setattr(R, "HOST", arrays)
+    ids = [f"w{i}" for i in range(16)]
+    first = np.stack([xs(i, 2) for i in range(16)])
+    then = np.stack([xs(100 + i, 1) for i in range(16)])
+
+    async def body() -> None:
+        async with replicas(tiny_repo, 2) as (a, b):
+            assert a.lm.store.arrays is arrays
+            frame = F.from_rows(ids, list(first), np.full(16, F.APPEND), np.zeros(16, bool))
+            before = dict(arrays.moved)
+            await a.engine.submit_step("tiny", "", frame)  # acked: answered once written
+            assert arrays.moved["calls"] - before["calls"] == 2, arrays.moved
+            assert arrays.moved["out"] - before["out"] == 2 * 16 * 2 * 16 * 4
+            for i, sid in enumerate(ids):
+                stored_is(a.remote, sid, oracle, first[i])
+            before = dict(arrays.moved)
+            frame = F.from_rows(ids, list(then), np.full(16, F.APPEND), np.zeros(16, bool))
+            res = await b.engine.submit_step("tiny", "", frame)
+            assert arrays.moved["in"] - before["in"] == 2 * 16 * 2 * 16 * 4  # loaded at once
+            for i, sid in enumerate(ids):
+                y1, _, _ = oracle.run(np.concatenate([first[i], then[i]]))
+                np.testing.assert_allclose(np.asarray(res.y[i]), y1[-1:], atol=ATOL)
+                stored_is(b.remote, sid, oracle, first[i], then[i])
 
     run(body)

@@ -30,6 +30,7 @@ class Settings:
     max_queue: int = 256
     inline_max_steps: int = 128
     cuda_cpu_max_steps: int = 0
+    state_on_device: bool = True
     inference_stall_s: float = 60.0
     max_batches_in_flight: int = 2
     max_steps_per_request: int = 1024

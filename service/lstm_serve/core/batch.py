@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,8 @@ class Part:
     """Rows of one tick that share a step count: the step rows first, then roll-out rows."""
 
     x: np.ndarray
-    h: np.ndarray
-    c: np.ndarray
+    h: Any  # [layers, batch, hidden], where the state lives (numpy or cupy)
+    c: Any
     rows: np.ndarray  # global step-row indices of the first len(rows) batch rows
     rollouts: list[Rollout]
 
@@ -160,26 +161,25 @@ def build(
         groups.setdefault(r.pending_x.shape[1], (empty, r.pending_x[:0]))
     parts: list[Part] = []
     zero = action == P.RESET
+    xp = store.arrays.xp
     for t, (rows_, x) in groups.items():
         xs, hs, cs = [], [], []
         if len(rows_):
             sel = runs[rows_]
             if not sel.all():
                 rows_, x = rows_[sel], x[sel]
-            s = plan.slots[rows_]
-            # take, not store.h[:, s]: fancy indexing on the middle axis lays the copy out
-            # batch-first, and making that C-contiguous for ONNX Runtime cost 25x the gather.
-            h, c = np.take(store.h, s, axis=1), np.take(store.c, s, axis=1)
+            h, c = store.gather(plan.slots[rows_])
             z = zero[rows_]
             if z.any():
-                h[:, z] = 0.0
-                c[:, z] = 0.0
+                zi = store.arrays.index(np.flatnonzero(z))
+                h[:, zi] = 0.0
+                c[:, zi] = 0.0
             xs, hs, cs = [x], [h], [c]
         rs = [r for r in rollouts if r.pending_x is not None and r.pending_x.shape[1] == t]
         if rs:
             xs += [r.pending_x for r in rs if r.pending_x is not None]
-            hs.append(np.stack([r.h for r in rs], axis=1))
-            cs.append(np.stack([r.c for r in rs], axis=1))
+            hs.append(xp.stack([r.h for r in rs], axis=1))
+            cs.append(xp.stack([r.c for r in rs], axis=1))
         if not xs or sum(len(a) for a in xs) == 0:
             continue
         if len(xs) == 1:
@@ -188,8 +188,8 @@ def build(
             parts.append(
                 Part(
                     np.concatenate(xs),
-                    np.concatenate(hs, axis=1),
-                    np.concatenate(cs, axis=1),
+                    xp.concatenate(hs, axis=1),
+                    xp.concatenate(cs, axis=1),
                     rows_,
                     rs,
                 )
@@ -202,9 +202,15 @@ def build(
 
 
 def run_parts(
-    runtime: Runner, parts: list[Part], max_batch: int, probes: Probes, label: str
+    runtime: Runner,
+    parts: list[Part],
+    max_batch: int,
+    probes: Probes,
+    label: str,
+    xp: Any = np,
 ) -> list[Outputs | BaseException]:
-    """Run every part (in the executor or inline): outputs, or the exception it raised."""
+    """Run every part (in the executor or inline): outputs, or the exception it raised.
+    xp: the array module of the parts' state (numpy, or cupy when it lives on the GPU)."""
     out: list[Outputs | BaseException] = []
     mb = max_batch
     for p in parts:
@@ -212,20 +218,20 @@ def run_parts(
         b = p.x.shape[0]
         try:
             if b <= mb:
-                res = runtime.run(p.x, np.ascontiguousarray(p.h), np.ascontiguousarray(p.c))
+                res = runtime.run(p.x, xp.ascontiguousarray(p.h), xp.ascontiguousarray(p.c))
             else:
                 chunks = [
                     runtime.run(
                         p.x[i : i + mb],
-                        np.ascontiguousarray(p.h[:, i : i + mb]),
-                        np.ascontiguousarray(p.c[:, i : i + mb]),
+                        xp.ascontiguousarray(p.h[:, i : i + mb]),
+                        xp.ascontiguousarray(p.c[:, i : i + mb]),
                     )
                     for i in range(0, b, mb)
                 ]
                 res = (
                     np.concatenate([ch[0] for ch in chunks]),
-                    np.concatenate([ch[1] for ch in chunks], axis=1),
-                    np.concatenate([ch[2] for ch in chunks], axis=1),
+                    xp.concatenate([ch[1] for ch in chunks], axis=1),
+                    xp.concatenate([ch[2] for ch in chunks], axis=1),
                 )
             out.append(res)
         except Exception as exc:

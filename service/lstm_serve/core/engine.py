@@ -82,6 +82,8 @@ class EngineSettings(Protocol):
     @property
     def cuda_cpu_max_steps(self) -> int: ...
     @property
+    def state_on_device(self) -> bool: ...
+    @property
     def inference_stall_s(self) -> float: ...
     @property
     def max_batches_in_flight(self) -> int: ...
@@ -237,10 +239,11 @@ class Engine:
         m = mv.manifest
         label = f"{m.name}:{m.version}"
         runtime = await asyncio.to_thread(
-            ModelRuntime, mv, self._choice, s.intra_op_threads, s.cuda_cpu_max_steps
-        )
+            ModelRuntime, mv, self._choice, s.intra_op_threads, s.cuda_cpu_max_steps,
+            s.state_on_device,
+        )  # fmt: skip
         await asyncio.to_thread(runtime.warm_up)
-        store = SessionStore(s.max_sessions, m.layers, m.hidden_size, m.output_dim)
+        store = SessionStore(s.max_sessions, m.layers, m.hidden_size, m.output_dim, runtime.arrays)
         probes = self._probes(label)
         sched = Scheduler(
             runtime, store, ReplayCache(s.replay_cache_bytes), probes, self._limits, label
@@ -256,8 +259,10 @@ class Engine:
         probes.sessions.set(len(store))
         probes.capacity.set(s.max_sessions)
         logger.info(
-            "model %s loaded (%s, %d layers x %d hidden, %s, %d sessions restored)",
-            label, m.kind.value, m.layers, m.hidden_size, runtime.device, len(store),
+            "model %s loaded (%s, %d layers x %d hidden, %s, state in %s memory, %d sessions "
+            "restored)",
+            label, m.kind.value, m.layers, m.hidden_size, runtime.device,
+            "GPU" if runtime.arrays.where == "cuda" else "host", len(store),
         )  # fmt: skip
         return lm
 

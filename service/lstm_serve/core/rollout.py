@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,9 +48,9 @@ class Rollout:
     keys: list[str] = field(default_factory=list)
     rows: int = 1
     steps: int = 1
-    # State while rolling: set by start().
-    h: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
-    c: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    # State while rolling, set by start(): [layers, hidden] where the store's state lives.
+    h: Any = field(default_factory=lambda: np.empty(0, np.float32))
+    c: Any = field(default_factory=lambda: np.empty(0, np.float32))
     last_y: np.ndarray | None = None
     next_seq: int = 0
     reset: bool = False
@@ -68,17 +69,15 @@ class Rollout:
     def start(self, store: SessionStore) -> np.ndarray | None:
         """Read the session's state; returns the first input to run (None: nothing to run)."""
         slot = store.slot(self.key)
-        layers, _, hidden = store.h.shape
-        zeros = np.zeros((layers, hidden), np.float32)
         self.reset = self.prefix is not None and bool(self.prefix.reset[0])
-        if slot is None:
-            if self.prefix is None:
-                raise NotFound(f"session {self.session_id!r} not found; send a prefix to start it")
-            self.h, self.c, self.next_seq, self.last_y = zeros, zeros.copy(), 0, None
-        elif self.reset:
-            self.h, self.c, self.next_seq, self.last_y = zeros, zeros.copy(), 0, None
+        if slot is None and self.prefix is None:
+            raise NotFound(f"session {self.session_id!r} not found; send a prefix to start it")
+        if slot is None or self.reset:
+            h, c = store.zero_state(1)
+            self.h, self.c, self.next_seq, self.last_y = h[:, 0], c[:, 0], 0, None
         else:
-            self.h, self.c = store.h[:, slot].copy(), store.c[:, slot].copy()
+            h, c = store.gather_one(slot)  # where the state lives
+            self.h, self.c = h[:, 0], c[:, 0]
             self.next_seq = int(store.next_seq[slot])
             self.last_y = None if self.next_seq == 0 else store.last_y[slot].copy()
         if self.prefix is not None:
@@ -114,7 +113,7 @@ class Rollout:
             return None  # the last prediction needs no further step
         return x
 
-    def advance(self, y: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
+    def advance(self, y: np.ndarray, h: Any, c: Any) -> None:
         """Take one run's outputs: y [steps, out], h and c [layers, hidden]."""
         self.h, self.c, self.last_y = h, c, y[-1].copy()
         self.pending_x = None

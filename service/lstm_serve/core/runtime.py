@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from lstm_serve.core.device_arrays import HOST, StateArrays, cuda_arrays
 from lstm_serve.core.repository import Kind, ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,10 @@ class ModelRuntime:
     for them the GPU's copies and kernel launches cost more than the CPU's arithmetic
     (docs/benchmarks.md, "The CUDA path"), so one-step streams keep CPU latency while gateway
     frames get the GPU. Both sessions run the same graph in float32.
+
+    State lives in `arrays` (device_arrays.py): on CUDA with CuPy, h and c stay in GPU memory
+    and are bound by pointer (state_on_device); otherwise NumPy arrays on the host. h0 and c0
+    passed to run() and the hn and cn it returns are arrays of that module; x and y are NumPy.
     """
 
     def __init__(
@@ -109,6 +114,8 @@ class ModelRuntime:
         choice: DeviceChoice,
         intra_op_threads: int = 1,
         cpu_max_steps: int = 0,
+        state_on_device: bool = True,
+        arrays: StateArrays | None = None,
     ) -> None:
         self.mv = mv
         m = mv.manifest
@@ -120,6 +127,12 @@ class ModelRuntime:
         self.device = "cuda" if active and active[0] == CUDA else "cpu"
         if choice.device == "cuda" and self.device != "cuda":
             logger.warning("%s: CUDA provider did not load; running on the CPU", m.name)
+        if arrays is None:
+            cuda = self.device == "cuda" and state_on_device
+            arrays = (cuda_arrays() if cuda else None) or HOST
+        if arrays.where != self.device and arrays.resident:
+            raise ValueError(f"state arrays on {arrays.where}, model on {self.device}")
+        self.arrays = arrays
         self.cpu_max_steps = cpu_max_steps if self.device == "cuda" else 0
         self.cpu_session: ort.InferenceSession | None = None
         if self.cpu_max_steps > 0:
@@ -134,19 +147,38 @@ class ModelRuntime:
         self._out_names = [self.names.y, self.names.hn, self.names.cn]
         self.calls = {"cpu": 0, "cuda": 0}  # inference calls per device, for tests and logs
 
-    def run(
-        self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        feeds: dict[str, Any] = {self.names.x: x, self.names.h0: h0, self.names.c0: c0}
+    def run(self, x: np.ndarray, h0: Any, c0: Any) -> tuple[np.ndarray, Any, Any]:
         if self.cpu_session is not None and x.shape[0] * x.shape[1] <= self.cpu_max_steps:
             self.calls["cpu"] += 1
+            a = self.arrays
+            feeds = {self.names.x: x, self.names.h0: a.to_host(h0), self.names.c0: a.to_host(c0)}
             y, hn, cn = self.cpu_session.run(self._out_names, feeds)
-            return y, hn, cn
+            return y, a.to_device(hn), a.to_device(cn)
         self.calls[self.device] += 1
+        if self.arrays.resident:
+            return self._run_resident(x, h0, c0)
+        feeds = {self.names.x: x, self.names.h0: h0, self.names.c0: c0}
         if self.device == "cuda":
             y, hn, cn = run_bound(self.session, feeds, self._out_names)
         else:
             y, hn, cn = self.session.run(self._out_names, feeds)
+        return y, hn, cn
+
+    def _run_resident(self, x: np.ndarray, h0: Any, c0: Any) -> tuple[np.ndarray, Any, Any]:
+        """State bound by pointer where it lives: x goes in, y comes out, h and c stay."""
+        a, n = self.arrays, self.names
+        xp = a.xp
+        hn, cn = xp.empty_like(h0), xp.empty_like(c0)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(n.x, x)
+        binding.bind_output(n.y, "cpu")  # first: get_outputs() keeps the order of binding
+        for name, arr in ((n.h0, h0), (n.c0, c0), (n.hn, hn), (n.cn, cn)):
+            bind = binding.bind_input if arr is h0 or arr is c0 else binding.bind_output
+            bind(name, a.where, 0, np.float32, arr.shape, a.ptr(arr))
+        a.synchronize()  # the gather that made h0 and c0 is done before ONNX Runtime reads them
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # hn and cn are written before anything reads them
+        y: np.ndarray = binding.get_outputs()[0].numpy()
         return y, hn, cn
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
@@ -161,5 +193,5 @@ class ModelRuntime:
                 if m.kind is Kind.token
                 else np.zeros((b, 1, m.input_dim), np.float32)
             )
-            h = np.zeros((m.layers, b, m.hidden_size), np.float32)
+            h = self.arrays.xp.zeros((m.layers, b, m.hidden_size), np.float32)
             self.run(x, h, h)

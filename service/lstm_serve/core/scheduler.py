@@ -303,7 +303,10 @@ class Scheduler:
             )
 
     def _run(self, parts: list[Part]) -> list[Outputs | BaseException]:
-        return run_parts(self.runtime, parts, self.limits.max_batch, self.probes, self.label)
+        return run_parts(
+            self.runtime, parts, self.limits.max_batch, self.probes, self.label,
+            self.store.arrays.xp,
+        )  # fmt: skip
 
     def _done(self, tick: Tick, fut: asyncio.Future[list[Outputs | BaseException]]) -> None:
         if tick not in self._inflight:
@@ -356,14 +359,11 @@ class Scheduler:
         if action < 0 or (action == P.NEW and store.free == 0):
             return False  # a retry, a gap, not found or the cap: the general path says which
         if slot is None:
-            layers, _, hidden = store.h.shape
-            h = np.zeros((layers, 1, hidden), np.float32)
-            c = h
+            h, c = store.zero_state(1)
             base = 0
         else:
             base = int(store.next_seq[slot])
-            h = store.h[:, slot : slot + 1].copy()
-            c = store.c[:, slot : slot + 1].copy()
+            h, c = store.gather_one(slot)
         digests = digest(x)
         t0 = time.perf_counter()
         try:

@@ -1,8 +1,11 @@
 """The session store: key -> slot, and the state columns. The only writer of session state.
 
 Columns are preallocated arrays indexed by slot; h and c are [layers, capacity, hidden] so a
-batch's state is gathered as np.take(store.h, slots, axis=1), already in the graph's
-[layers, batch, hidden] layout and C-contiguous. np.zeros maps pages lazily, so a large capacity costs memory only as slots fill.
+batch's state is gathered as take(h, slots, axis=1), already in the graph's
+[layers, batch, hidden] layout and C-contiguous. h and c live where the model runs
+(device_arrays.py): NumPy on the host, where np.zeros maps pages lazily so a large capacity
+costs memory only as slots fill; CuPy in GPU memory, allocated whole. Everything else is host
+NumPy. State crosses to the host only through read_state, in batches.
 
 Only the scheduler calls the mutating methods, on the event loop, between inference calls; that
 order, not a lock, gives one writer per session (docs/architecture.md).
@@ -16,10 +19,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import repeat
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from lstm_serve.core.device_arrays import HOST, StateArrays
 from lstm_serve.core.errors import ResourceExhausted
 from lstm_serve.core.replay import ReplayCache, ReplayEntry
 
@@ -74,10 +78,18 @@ class Captured:
 
 
 class SessionStore:
-    def __init__(self, capacity: int, layers: int, hidden: int, output_dim: int) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        layers: int,
+        hidden: int,
+        output_dim: int,
+        arrays: StateArrays = HOST,
+    ) -> None:
         self.capacity = capacity
-        self.h = np.zeros((layers, capacity, hidden), np.float32)
-        self.c = np.zeros((layers, capacity, hidden), np.float32)
+        self.arrays = arrays
+        self.h = arrays.xp.zeros((layers, capacity, hidden), np.float32)
+        self.c = arrays.xp.zeros((layers, capacity, hidden), np.float32)
         self.last_y = np.zeros((capacity, output_dim), np.float32)
         self.next_seq = np.zeros(capacity, np.int64)
         # Bumped when a slot's session is created or reset: replay entries of an earlier
@@ -140,8 +152,7 @@ class SessionStore:
         not journaled: nothing changed. The caller made room."""
         slots = self._alloc(keys)
         self._zero(slots)
-        self.h[:, slots] = h.transpose(1, 0, 2)
-        self.c[:, slots] = c.transpose(1, 0, 2)
+        self.write_state(slots, h.transpose(1, 0, 2), c.transpose(1, 0, 2))
         self.last_y[slots] = last_y
         self.next_seq[slots] = next_seq
         self.last_used[slots] = time.monotonic()
@@ -165,8 +176,9 @@ class SessionStore:
         return slots
 
     def _zero(self, slots: np.ndarray) -> None:
-        self.h[:, slots] = 0.0
-        self.c[:, slots] = 0.0
+        i = self.arrays.index(slots)
+        self.h[:, i] = 0.0
+        self.c[:, i] = 0.0
         self.last_y[slots] = 0.0
         self.next_seq[slots] = 0
         self.gen[slots] = self.new_generations(len(slots))
@@ -237,8 +249,17 @@ class SessionStore:
         last_y: np.ndarray,
         next_seq: np.ndarray,
     ) -> None:
-        """Write the new state of sessions whose steps succeeded: h, c [layers, n, hidden]."""
-        if len(slots) > 128:
+        """Write the new state of sessions whose steps succeeded: h, c [layers, n, hidden],
+        arrays where the state lives (the model's outputs)."""
+        if len(slots) == 1:  # a slice: 1 us against 4 for a one-element fancy index (NumPy)
+            s = int(slots[0])
+            self.h[:, s : s + 1] = h
+            self.c[:, s : s + 1] = c
+        elif not self.arrays.on_host:
+            i = self.arrays.index(slots)
+            self.h[:, i] = h
+            self.c[:, i] = c
+        elif len(slots) > 128:
             # Large batches one layer at a time: rows of a 2-D array scatter faster than the
             # middle axis of a 3-D one (timeit, 2 x 96: 78 against 101 us for 1024 rows, 16 against
             # 18 us for 256), while below ~128 rows the extra calls cost more (5.0 against 2.5 us
@@ -253,6 +274,37 @@ class SessionStore:
         self.next_seq[slots] = next_seq
         if self.journal is not None:
             self.journal.changed(slots)
+
+    # -- state where it lives, and on the host ------------------------------------------------
+
+    def gather(self, slots: np.ndarray) -> tuple[Any, Any]:
+        """h and c of slots, [layers, n, hidden], C-contiguous, where the state lives."""
+        # take, not h[:, s]: fancy indexing on the middle axis lays the copy out batch-first,
+        # and making that C-contiguous for ONNX Runtime cost 25x the gather (NumPy).
+        xp, i = self.arrays.xp, self.arrays.index(slots)
+        return xp.take(self.h, i, axis=1), xp.take(self.c, i, axis=1)
+
+    def gather_one(self, slot: int) -> tuple[Any, Any]:
+        """h and c of one slot, [layers, 1, hidden]: a sliced copy (a one-element take costs
+        3 us more on the scalar path)."""
+        return self.h[:, slot : slot + 1].copy(), self.c[:, slot : slot + 1].copy()
+
+    def zero_state(self, n: int) -> tuple[Any, Any]:
+        """A zero h and c for n sessions, [layers, n, hidden], where the state lives."""
+        layers, _, hidden = self.h.shape
+        h = self.arrays.xp.zeros((layers, n, hidden), np.float32)
+        return h, h.copy()
+
+    def read_state(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """h and c of slots on the host, [layers, n, hidden]: one copy each, however many."""
+        h, c = self.gather(slots)
+        return self.arrays.to_host(h), self.arrays.to_host(c)
+
+    def write_state(self, slots: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
+        """Set h and c of slots from host arrays [layers, n, hidden] (not journaled)."""
+        i = self.arrays.index(slots)
+        self.h[:, i] = self.arrays.to_device(np.ascontiguousarray(h, np.float32))
+        self.c[:, i] = self.arrays.to_device(np.ascontiguousarray(c, np.float32))
 
     def renew(self, slots: np.ndarray) -> None:
         """A new generation for reset sessions: their earlier answers are never replayed."""
@@ -314,10 +366,11 @@ class SessionStore:
         keys = list(self.slots)
         slots = np.fromiter(self.slots.values(), np.int64, len(keys))
         now = time.monotonic() if now is None else now
+        h, c = self.read_state(slots)
         return Captured(
             keys,
-            self.h[:, slots].transpose(1, 0, 2).copy(),
-            self.c[:, slots].transpose(1, 0, 2).copy(),
+            np.ascontiguousarray(h.transpose(1, 0, 2)),
+            np.ascontiguousarray(c.transpose(1, 0, 2)),
             self.last_y[slots].copy(),
             self.next_seq[slots].copy(),
             now - self.last_used[slots],
@@ -356,8 +409,7 @@ class SessionStore:
         order = np.argsort(-snap.idle[:n], kind="stable")
         keys = [snap.keys[i] for i in order]
         slots = self.create(keys, now)
-        self.h[:, slots] = snap.h[order].transpose(1, 0, 2)
-        self.c[:, slots] = snap.c[order].transpose(1, 0, 2)
+        self.write_state(slots, snap.h[order].transpose(1, 0, 2), snap.c[order].transpose(1, 0, 2))
         self.last_y[slots] = snap.last_y[order]
         self.next_seq[slots] = snap.next_seq[order]
         self.last_used[slots] = now - snap.idle[order]

@@ -251,6 +251,7 @@ class StateSync:
     def removed(self, keys: list[str], ended: bool) -> None:
         if self._changed:
             self._collect()  # the slots of these keys may be reused in this tick
+        evicted: list[tuple[str, Owned, int]] = []
         for key in keys:
             o = self.owned.pop(key, None)
             if o is None:
@@ -275,7 +276,11 @@ class StateSync:
                     and (self.store.next_seq[slot] > 0 or stored)
                     and key not in self._poisoned
                 ):
-                    self._captured[key] = (self._state(slot, o), o)
+                    evicted.append((key, o, slot))
+        if evicted:  # one read of their state (one copy where state is on a GPU)
+            hs, cs = self.store.read_state(np.fromiter((s for *_, s in evicted), np.int64))
+            for i, (key, o, slot) in enumerate(evicted):
+                self._captured[key] = (self._state(slot, o, hs[:, i].copy(), cs[:, i].copy()), o)
 
     # -- the scheduler's hooks -----------------------------------------------------------------
 
@@ -626,8 +631,9 @@ class StateSync:
             self._next = asyncio.get_running_loop().create_future()
         self.pending[key] = self._next
 
-    def _state(self, slot: int, o: Owned) -> State:
-        """A session's state now, with the replies the store does not have yet."""
+    def _state(self, slot: int, o: Owned, h: np.ndarray, c: np.ndarray) -> State:
+        """A session's state now (h, c [layers, hidden], read from the store in one batch),
+        with the replies the store does not have yet."""
         store = self.store
         gen = int(store.gen[slot])
         clear = gen != o.gen  # new, or reset since the last write: the stored replies go
@@ -650,7 +656,7 @@ class StateSync:
             entry, row = entry.prev[row], int(entry.prev_row[row])
         replies.reverse()
         return State(
-            store.h[:, slot].copy(), store.c[:, slot].copy(), store.last_y[slot].copy(),
+            h, c, store.last_y[slot].copy(),
             int(store.next_seq[slot]), tuple(replies), clear,
         )  # fmt: skip
 
@@ -670,15 +676,22 @@ class StateSync:
                 writes.append(Write(key, o.epoch, o.version, state))
                 owners.append((o, -1))
                 o.sent = True
+        live: list[tuple[str, Owned, int]] = []
         for key in dirty:
             o2 = self.owned.get(key)
             slot = self.store.slot(key)
             if o2 is None or slot is None or key in self._poisoned:
                 failed.add(key)
                 continue
-            writes.append(Write(key, o2.epoch, o2.version, self._state(slot, o2)))
-            owners.append((o2, int(self.store.gen[slot])))
-            o2.sent = True
+            live.append((key, o2, slot))
+        if live:
+            # One read of every written session's state: one copy where state is on a GPU.
+            hs, cs = self.store.read_state(np.fromiter((s for *_, s in live), np.int64, len(live)))
+            for i, (key, o2, slot) in enumerate(live):
+                state = self._state(slot, o2, hs[:, i].copy(), cs[:, i].copy())
+                writes.append(Write(key, o2.epoch, o2.version, state))
+                owners.append((o2, int(self.store.gen[slot])))
+                o2.sent = True
         for key, o in ended.items():
             writes.append(Write(key, o.epoch, o.version, None))
             owners.append((o, -1))

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
         ge=0,
         description="On CUDA, batches of up to this many session-steps run on a CPU session instead: for them the GPU's copies and launches cost more than the CPU's arithmetic (one-step latency stays the CPU's). 0: every batch on the GPU. Ignored on the CPU.",
     )
+    state_on_device: bool = Field(
+        True,
+        description="On CUDA, keep every session's h and c in GPU memory (CuPy, the gpu extra): a tick gathers and scatters them by slot on the device and binds them to ONNX Runtime, so only inputs, outputs and slot indices cross the bus. Without CuPy, or false, state stays on the host. Ignored on the CPU.",
+    )
     max_batches_in_flight: int = Field(
         2,
         ge=1,
