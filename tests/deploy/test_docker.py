@@ -208,7 +208,7 @@ def test_dockerignore_build_context() -> None:
         "tests/conftest.py",
         "docs/operations.md",
         "lstm_serve.egg-info/PKG-INFO",
-        "models/forecaster/data/tmy3_greensboro_hourly.csv",
+        "models/forecaster/data/beijing_hourly.csv",
         "models/forecaster/runs/1/checkpoint.pt",
     ]:
         assert excluded(path, rules), f"{path} would be sent to the Docker build"

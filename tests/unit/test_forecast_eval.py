@@ -149,7 +149,9 @@ def test_baselines_rebuild_from_their_recorded_params() -> None:
         assert type(rebuilt) is type(m) and rebuilt.describe() == m.describe()
         np.testing.assert_array_equal(rebuilt.forecast(x, orig, 24), m.forecast(x, orig, 24))
         names.add(m.name)
-    assert names == {"persistence", "seasonal_naive_24", "holt_winters", "linear_ar"}
+    assert names == {
+        "persistence", "seasonal_naive_24", "holt_winters", "linear_ar", "direct_linear"
+    }  # fmt: skip
 
 
 def test_a_bad_record_is_refused() -> None:
@@ -172,3 +174,82 @@ def test_a_bad_record_is_refused() -> None:
     # ... while the same records, whole, are accepted.
     FE.baseline_from_record("linear_ar", {"params": var})
     FE.baseline_from_record("holt_winters", {"params": hw})
+
+
+def _calendar(n: int, start_hour: int = 0) -> D.Calendar:
+    t = np.arange(start_hour, start_hour + n)
+    return D.Calendar((t % 24).astype(np.int64), (t // 24 % 365 + 1).astype(np.int64))
+
+
+def test_direct_linear_with_calendar_finds_the_best_linear_forecast() -> None:
+    """x[t] = 0.5 x[t-1] + sin(hour of t) + noise: the best forecast k steps ahead is linear in
+    x[o] and the hour of day at o, so the direct model with calendar features reaches the noise
+    floor at every step ahead; the one without must read the phase from noisy lags and does
+    worse; neither reads past the origin."""
+    n, sd = 6000, 0.3
+    cal = _calendar(n)
+    hour = 2 * np.pi * cal.hour / 24
+    noise = np.random.default_rng(0).normal(0, sd, n)
+    x = np.zeros((n, 1))
+    for t in range(1, n):
+        x[t] = 0.5 * x[t - 1] + np.sin(hour[t]) + noise[t]
+    with_cal = FE.DirectLinear.fit(x[:4000], 24, 24, cal, True)
+    without = FE.DirectLinear.fit(x[:4000], 24, 24, cal, False)
+    orig = FE.origins(4500, 6000, 24)
+    tgt = FE.targets(x, orig, 24)
+    # the error k steps ahead has sd * sqrt(sum 0.25^j, j < k) < sd / sqrt(0.75); MAE = 0.8 sd
+    floor = 0.8 * sd / np.sqrt(0.75)
+    mae_cal = FE.mean_mae(with_cal.forecast(x, orig, 24), tgt)
+    mae_plain = FE.mean_mae(without.forecast(x, orig, 24), tgt)
+    assert mae_cal < floor * 1.1 and mae_cal < mae_plain, (mae_cal, mae_plain, floor)
+    later = x.copy()
+    later[int(orig[-1]) + 1 :] += 100.0
+    np.testing.assert_array_equal(
+        with_cal.forecast(x, orig, 24), with_cal.forecast(later, orig, 24)
+    )
+
+
+def test_gradient_boosting_reads_nothing_after_the_origin_and_refits_alike() -> None:
+    pytest.importorskip("sklearn")
+    x = _series(1500)
+    cal = _calendar(len(x))
+    a = FE.GradientBoosting.fit(x[:1000], cal)
+    b = FE.GradientBoosting.fit(x[:1000], cal)
+    orig = FE.origins(1100, 1400, 24)
+    later = x.copy()
+    later[int(orig[-1]) + 1 :] += 100.0
+    fa = a.forecast(x, orig, 24)
+    np.testing.assert_array_equal(fa, a.forecast(later, orig, 24))
+    np.testing.assert_array_equal(fa, b.forecast(x, orig, 24))  # no randomness in the fit
+    # it learnt something: better than persistence on this daily cycle
+    tgt = FE.targets(x, orig, 24)
+    assert FE.mean_mae(fa, tgt) < FE.mean_mae(FE.Persistence().forecast(x, orig, 24), tgt)
+
+
+def test_calendar_baselines_join_with_a_calendar_and_record_their_validation() -> None:
+    pytest.importorskip("sklearn")
+    x = _series()
+    split = D.chronological_split(len(x), 0.15, 0.15)
+    validation: dict[int, dict[str, dict[str, float]]] = {}
+    fitted = FE.fit_baselines(x, split, [1, 24], [24], _calendar(len(x)), validation)
+    names = {m.name for m in fitted[24]}
+    assert {"direct_linear", "direct_linear_calendar", "gradient_boosting"} <= names
+    # direct_linear's lags were chosen on validation: the kept one scored lowest there
+    for k in (1, 24):
+        scores = validation[k]["direct_linear_calendar"]
+        kept = next(m for m in fitted[k] if m.name == "direct_linear_calendar")
+        assert isinstance(kept, FE.DirectLinear)
+        assert min(scores, key=lambda o: scores[o]) == f"lags={kept.lags}"
+    # without a calendar, neither calendar model is fitted
+    plain = {m.name for m in FE.fit_baselines(x, split, [1, 24], [24])[24]}
+    assert "direct_linear" in plain and not {"direct_linear_calendar", "gradient_boosting"} & plain
+    # the direct models rebuild from their records, with the calendar
+    cal = _calendar(len(x))
+    orig = FE.origins(split.val_end, len(x), 24)
+    for m in fitted[24]:
+        if isinstance(m, FE.DirectLinear):
+            record = json.loads(json.dumps({"params": m.to_params()}))
+            rebuilt = FE.baseline_from_record(m.name, record, cal)
+            np.testing.assert_array_equal(rebuilt.forecast(x, orig, 24), m.forecast(x, orig, 24))
+    with pytest.raises(ValueError, match="calendar"):
+        FE.DirectLinear.fit(x[:800], 24, 24, None, True)

@@ -242,7 +242,7 @@ def test_the_worked_example_runs_as_written(
     room = repo.get("room").manifest
     assert room.metrics["horizons"] == [1, 12]
     assert set(room.metrics["baselines"]) == {  # type: ignore[arg-type]
-        "persistence", "seasonal_naive_24", "holt_winters", "linear_ar",
+        "persistence", "seasonal_naive_24", "holt_winters", "linear_ar", "direct_linear",
     }  # fmt: skip
 
     # Bring your own: export a module of one's own, then check the recurrence of its graph.

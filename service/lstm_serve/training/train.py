@@ -66,6 +66,17 @@ class DataSpec(BaseModel):
     sha256: str | None = Field(None, description="text: expected sha256 of the concatenation")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
+    val_steps: int | None = Field(
+        None, ge=2, description="real: validation steps (with test_steps: instead of fractions)"
+    )
+    test_steps: int | None = Field(
+        None, ge=2, description="real: test steps, the tail (e.g. the last year of hours)"
+    )
+    time_column: str | None = Field(
+        None,
+        description="real: a column of local times 'YYYY-MM-DD HH:MM', for the calendar "
+        "features of the baselines (hour of day, day of year)",
+    )
     seasonal_periods: list[int] = Field(
         default_factory=list, description="real: the series' seasonal periods, in steps"
     )
@@ -318,9 +329,15 @@ class RealTask:
         self.recipe = recipe
         self.path = base / recipe.data.path
         self.series = D.load_csv_series(self.path, recipe.data.columns)
-        self.split = D.chronological_split(
-            len(self.series), recipe.data.val_fraction, recipe.data.test_fraction
+        d = recipe.data
+        if (d.val_steps is None) != (d.test_steps is None):
+            raise ValueError("data.val_steps and data.test_steps go together")
+        self.split = (
+            D.split_by_steps(len(self.series), d.val_steps, d.test_steps)
+            if d.val_steps is not None and d.test_steps is not None
+            else D.chronological_split(len(self.series), d.val_fraction, d.test_fraction)
         )
+        self.calendar = D.load_csv_calendar(self.path, d.time_column) if d.time_column else None
         self.horizon = recipe.data.horizon
         train = self.series[: self.split.train_end].astype(np.float64)
         # Statistics of the training split only: nothing from the held-out tail leaks in.
@@ -338,6 +355,7 @@ class RealTask:
         if self.split.n - self.split.val_end < self.horizon:
             raise ValueError(f"the test split is shorter than the horizon {self.horizon}")
         self.baselines: dict[int, list[FE.Forecaster]] | None = None
+        self.validation: dict[int, dict[str, dict[str, float]]] = {}
 
     def prepare(self) -> None:
         """Fit the baselines now, before training: they need no model, and one that cannot be
@@ -345,8 +363,9 @@ class RealTask:
         d = self.recipe.data
         logger.info("fitting the baselines on the training split")
         self.baselines = FE.fit_baselines(
-            self.series.astype(np.float64), self.split, sorted({1, d.horizon}), d.seasonal_periods
-        )
+            self.series.astype(np.float64), self.split, sorted({1, d.horizon}),
+            d.seasonal_periods, self.calendar, self.validation,
+        )  # fmt: skip
 
     def epoch_streams(self, rng: np.random.Generator) -> np.ndarray[Any, Any]:
         """Training streams for one epoch, shifted by a random level per stream when asked.
@@ -506,6 +525,8 @@ class RealTask:
             self.recipe,
             lambda start, end: self._scores(model, start, end),
             self.baselines,
+            self.calendar,
+            self.validation,
         )
 
     def manifest_fields(self) -> dict[str, Any]:
@@ -547,6 +568,8 @@ def evaluate_real(
     recipe: Recipe,
     model_fc: ModelForecasts,
     chosen: dict[int, list[FE.Forecaster]] | None = None,
+    cal: D.Calendar | None = None,
+    validation: dict[int, dict[str, dict[str, float]]] | None = None,
 ) -> dict[str, Any]:
     """Held-out scores of the model and of every baseline at horizon 1 and H, in raw units.
 
@@ -559,7 +582,8 @@ def evaluate_real(
     x = np.asarray(series, np.float64)
     horizons = sorted({1, h})
     if chosen is None:
-        chosen = FE.fit_baselines(x, split, horizons, d.seasonal_periods)
+        validation = {}
+        chosen = FE.fit_baselines(x, split, horizons, d.seasonal_periods, cal, validation)
     fc = model_fc(split.val_end, n)
     model: dict[str, Any] = {}
     baselines: dict[str, dict[str, Any]] = {}
@@ -576,6 +600,11 @@ def evaluate_real(
                 **b.describe(),
                 "params": b.to_params(),
             }
+            if validation and b.name in validation.get(k, {}):
+                # the validation MAE of each option compared; the lowest was kept
+                entry[f"h{k}"]["validation_mae"] = {
+                    o: round(v, 5) for o, v in validation[k][b.name].items()
+                }
     units = f" ({d.units})" if d.units else ""
     return {
         "held_out": (
@@ -583,7 +612,7 @@ def evaluate_real(
             f"in it, 1 step and {h} steps ahead (the state at each origin has seen everything "
             f"before it; multi-step forecasts feed predictions back); MAE/RMSE in raw "
             f"units{units}, mean over columns and per column; baselines fitted on the training "
-            "split, their lags/trend chosen on the validation split"
+            "split, their options chosen on the validation split (validation_mae)"
         ),
         "split": split.as_dict(),
         "horizons": horizons,
@@ -984,7 +1013,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        require_training_extra("train", ("torch", "onnx", "statsmodels"))
+        require_training_extra("train", ("torch", "onnx", "statsmodels", "sklearn"))
         result = train(
             args.recipe,
             out=args.out,
